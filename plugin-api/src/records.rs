@@ -351,10 +351,12 @@ macro_rules! text_enum {
 
 text_enum!(
     /// Ticket priority.
+    #[derive(Default)]
     Priority, "priority", "low, normal, high, urgent", {
         /// Low.
         Low => "low",
         /// Normal (the default).
+        #[default]
         Normal => "normal",
         /// High.
         High => "high",
@@ -362,12 +364,6 @@ text_enum!(
         Urgent => "urgent",
     }
 );
-
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
-    }
-}
 
 text_enum!(
     /// Ticket status.
