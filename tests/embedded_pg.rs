@@ -215,6 +215,10 @@ async fn long_path_concurrent_start_and_adoption_under_tmp() {
         .join("a-rather-long-directory-name-to-push-the-socket-path")
         .join("beyond-the-unix-socket-limit");
 
+    // Leftover of an initdb interrupted by a killed healthd: cleaned up and redone.
+    std::fs::create_dir_all(data.join("pg.initdb").join("global")).unwrap();
+    std::fs::write(data.join("pg.initdb").join("PG_VERSION"), "15\n").unwrap();
+
     // Two starts at once on a fresh directory: one creates and owns the server, the other
     // waits for it and attaches.
     let (a, b) = tokio::join!(
@@ -223,6 +227,7 @@ async fn long_path_concurrent_start_and_adoption_under_tmp() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let socket_dir = a.socket_dir().to_path_buf();
+    assert!(!data.join("pg.initdb").exists());
     assert_eq!(a.pid(), b.pid());
     assert!(a.owned() != b.owned(), "exactly one owns the server");
     let (pg, other) = if a.owned() { (a, b) } else { (b, a) };
@@ -345,4 +350,69 @@ async fn unreachable_data_dir_is_named() {
         std::fs::metadata(&private).unwrap().permissions().mode() & 0o777,
         0o700
     );
+}
+
+/// Run in a child process by `cluster_outlives_a_killed_healthd_and_is_adopted`: starts the
+/// cluster, reports its pid, then waits to be killed like a healthd interrupted in a terminal.
+#[tokio::test]
+#[ignore = "helper process for cluster_outlives_a_killed_healthd_and_is_adopted"]
+async fn helper_start_and_wait() {
+    let Ok(dir) = std::env::var("EMBEDDED_PG_HELPER_DIR") else {
+        return;
+    };
+    let pg = EmbeddedPostgres::start_with(Path::new(&dir), fast())
+        .await
+        .unwrap();
+    println!("READY {}", pg.pid());
+    std::future::pending::<()>().await;
+}
+
+/// Ctrl-C in a terminal signals the whole foreground process group. The server runs in its own
+/// group, so it is not hit mid-flight; if healthd dies without stopping it, the next healthd on
+/// the data directory adopts the server and stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_outlives_a_killed_healthd_and_is_adopted() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    let tmp = TempDir::new(Path::new("/tmp"), "orphan");
+    let data = tmp.0.join("data");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "helper_start_and_wait",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("EMBEDDED_PG_HELPER_DIR", &data)
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let helper_pid = helper.id() as i32;
+    let stdout = std::io::BufReader::new(helper.stdout.take().unwrap());
+    let pid = tokio::task::spawn_blocking(move || {
+        for line in stdout.lines() {
+            if let Some(pid) = line.unwrap().strip_prefix("READY ") {
+                return pid.trim().parse::<i32>().unwrap();
+            }
+        }
+        panic!("helper exited before the cluster was ready");
+    })
+    .await
+    .unwrap();
+
+    nix::sys::signal::killpg(Pid::from_raw(helper_pid), Signal::SIGINT).unwrap();
+    let status = helper.wait().unwrap();
+    assert!(!status.success());
+    assert!(!gone(pid), "the server survives the Ctrl-C of its healthd");
+
+    let pg = EmbeddedPostgres::start_with(&data, fast()).await.unwrap();
+    assert!(pg.owned(), "the orphaned server is adopted");
+    assert_eq!(pg.pid(), pid);
+    AsyncPgConnection::establish(&pg.database_url("healthd"))
+        .await
+        .unwrap();
+    pg.stop().await.unwrap();
+    assert!(gone(pid));
 }

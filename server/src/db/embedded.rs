@@ -107,6 +107,12 @@ pub enum EmbeddedError {
         target: PathBuf,
         blocked: PathBuf,
     },
+    #[error("the PostgreSQL cluster in {} belongs to {owner}, but healthd runs as uid {uid}; run healthd as {owner} or as root, or set HEALTHD_DATA_DIR to another directory", cluster.display())]
+    WrongOwner {
+        cluster: PathBuf,
+        owner: String,
+        uid: u32,
+    },
     #[error("unsafe socket directory {}: {reason}", path.display())]
     UnsafeSocketDir { path: PathBuf, reason: String },
     #[error("{} exists but is not a PostgreSQL cluster (no PG_VERSION) and is not empty; move it away so healthd can create a new cluster there", path.display())]
@@ -434,6 +440,9 @@ fn prepare(
     let lock = lock_data_dir(&paths.data_dir)?;
 
     let run_as = access::choose_run_as(&paths.cluster_dir)?;
+    if run_as.is_none() {
+        access::check_cluster_owner(&paths.cluster_dir)?;
+    }
     if let Some(r) = &run_as {
         if created {
             // Our own new directory: let the server's user through (search only), nobody else.
@@ -648,24 +657,29 @@ fn find_binaries(options: &Options, cluster_dir: &Path) -> Result<ServerBinaries
     }
 }
 
+/// Creates the cluster in `<cluster_dir>.initdb` and renames it into place when complete, so an
+/// interrupted initdb (healthd killed meanwhile) never leaves a half-made cluster behind.
 fn initdb(
     bins: &ServerBinaries,
     cluster_dir: &Path,
     run_as: Option<&RunAs>,
     durable: bool,
 ) -> Result<(), EmbeddedError> {
-    access::create_private_dir(cluster_dir)?;
-    let not_empty = std::fs::read_dir(cluster_dir)
-        .map_err(|e| EmbeddedError::io("cannot read", cluster_dir, e))?
-        .next()
-        .is_some();
-    if not_empty {
-        return Err(EmbeddedError::NotACluster {
+    if cluster_dir.exists() {
+        // An empty directory (e.g. made by hand) is fine; anything else is not ours to replace.
+        std::fs::remove_dir(cluster_dir).map_err(|_| EmbeddedError::NotACluster {
             path: cluster_dir.to_path_buf(),
-        });
+        })?;
     }
+    let scratch = cluster_dir.with_extension("initdb");
+    if scratch.exists() {
+        tracing::info!("removing unfinished cluster {}", scratch.display());
+        std::fs::remove_dir_all(&scratch)
+            .map_err(|e| EmbeddedError::io("cannot remove", &scratch, e))?;
+    }
+    access::create_private_dir(&scratch)?;
     if let Some(r) = run_as {
-        access::chown(cluster_dir, r)?;
+        access::chown(&scratch, r)?;
     }
     tracing::info!(
         "creating private PostgreSQL {} cluster in {}{}",
@@ -677,7 +691,7 @@ fn initdb(
     );
     let mut cmd = Command::new(bins.initdb());
     cmd.arg("-D")
-        .arg(cluster_dir)
+        .arg(&scratch)
         .args([
             "-U",
             SUPERUSER,
@@ -689,7 +703,7 @@ fn initdb(
     if !durable {
         cmd.arg("--no-sync");
     }
-    configure_child(&mut cmd, cluster_dir, run_as);
+    configure_child(&mut cmd, &scratch, run_as);
     let out = cmd
         .output()
         .map_err(|e| EmbeddedError::io("cannot run", &bins.initdb(), e))?;
@@ -703,7 +717,7 @@ fn initdb(
         });
     }
     // Also when someone starts the cluster by hand: socket only, reachable only by its user.
-    let conf = cluster_dir.join("postgresql.conf");
+    let conf = scratch.join("postgresql.conf");
     let mut file = OpenOptions::new()
         .append(true)
         .open(&conf)
@@ -713,7 +727,8 @@ fn initdb(
         b"\n# Added by healthd: private cluster, Unix socket only.\nlisten_addresses = ''\nunix_socket_permissions = 0700\n",
     )
     .map_err(|e| EmbeddedError::io("cannot write", &conf, e))?;
-    Ok(())
+    std::fs::rename(&scratch, cluster_dir)
+        .map_err(|e| EmbeddedError::io("cannot rename", &scratch, e))
 }
 
 /// Common settings for `initdb` and `postgres`: own process group (a Ctrl-C in the terminal
@@ -816,28 +831,37 @@ fn shut_down(
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let mut result = Ok(());
-    if !exited() {
+    // Ok(true): we stopped it; Ok(false): it had already exited (crashed or killed).
+    let result = if exited() {
+        Ok(false)
+    } else {
         let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
-        if !wait(&mut *exited, fast_timeout) {
+        let mut stopped = wait(&mut *exited, fast_timeout);
+        if !stopped {
             tracing::warn!("PostgreSQL (pid {pid}) ignored fast shutdown; sending SIGQUIT");
             let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
-            if !wait(&mut *exited, Duration::from_secs(10)) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                if !wait(&mut *exited, Duration::from_secs(5)) {
-                    result = Err(EmbeddedError::StopFailed {
-                        pid,
-                        reason: "it survived SIGKILL".into(),
-                    });
-                }
-            }
+            stopped = wait(&mut *exited, Duration::from_secs(10));
         }
-    }
+        if !stopped {
+            tracing::warn!("PostgreSQL (pid {pid}) ignored immediate shutdown; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            stopped = wait(&mut *exited, Duration::from_secs(5));
+        }
+        if stopped {
+            Ok(true)
+        } else {
+            Err(EmbeddedError::StopFailed {
+                pid,
+                reason: "it survived SIGKILL".into(),
+            })
+        }
+    };
     let owner_path = data_dir.join("pg.owner");
     if Owner::read(&owner_path).is_some_and(|o| o == Owner::current()) {
         let _ = std::fs::remove_file(&owner_path);
     }
-    if result.is_ok() && !socket_dir.starts_with(data_dir) {
+    let stopped = result?;
+    if !socket_dir.starts_with(data_dir) {
         // Do not leave empty /tmp/healthd-* directories behind; skip it if a start is in
         // progress (it holds the lock and may be about to use the directory).
         if let Ok(lock) = File::open(data_dir.join("pg.lock")) {
@@ -846,10 +870,12 @@ fn shut_down(
             }
         }
     }
-    if result.is_ok() {
+    if stopped {
         tracing::info!("stopped private PostgreSQL (pid {pid})");
+    } else {
+        tracing::info!("private PostgreSQL (pid {pid}) had already exited");
     }
-    result
+    Ok(())
 }
 
 /// The last lines of the server log, for error messages.

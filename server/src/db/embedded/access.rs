@@ -58,6 +58,28 @@ pub fn choose_run_as(cluster_dir: &Path) -> Result<Option<RunAs>, EmbeddedError>
     Err(EmbeddedError::NoUnprivilegedUser)
 }
 
+/// Without root the cluster runs as healthd's own user, which must then own it (PostgreSQL
+/// refuses a data directory owned by anyone else); say so up front.
+pub fn check_cluster_owner(cluster_dir: &Path) -> Result<(), EmbeddedError> {
+    let Ok(meta) = std::fs::metadata(cluster_dir) else {
+        return Ok(());
+    };
+    let me = Uid::effective().as_raw();
+    if meta.uid() == me {
+        return Ok(());
+    }
+    let owner = User::from_uid(Uid::from_raw(meta.uid()))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid {}", meta.uid()));
+    Err(EmbeddedError::WrongOwner {
+        cluster: cluster_dir.to_path_buf(),
+        owner,
+        uid: me,
+    })
+}
+
 /// Whether `run_as` may search (traverse) a directory with these permissions. The server
 /// processes keep only their primary group (std drops supplementary groups with `setgroups(0)`
 /// when changing uid), so supplementary groups are deliberately not considered.
