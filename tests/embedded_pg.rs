@@ -176,6 +176,23 @@ async fn cluster_lifecycle_under_target_dir() {
     assert_ne!(pg.pid(), pid);
     assert_eq!(rows(&url).await, ["first"], "data survives a restart");
 
+    // A postmaster.pid naming a live process that is not this cluster's server (pid reuse after
+    // a reboot or container restart) does not prevent the next start either.
+    let pid_text = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = pg.pid();
+    pg.stop().await.unwrap();
+    let mut other = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let reused = pid_text.replacen(&pid.to_string(), &other.id().to_string(), 1);
+    std::fs::write(&pid_file, reused).unwrap();
+    let pg = EmbeddedPostgres::start(&data).await.unwrap();
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert!(pg.owned());
+    assert_eq!(rows(&url).await, ["first"]);
+
     // A crash (postmaster killed): the next start recovers, committed data is kept.
     {
         let mut conn = AsyncPgConnection::establish(&url).await.unwrap();

@@ -163,6 +163,8 @@ pub enum EmbeddedError {
     },
     #[error("PostgreSQL (pid {pid}) did not stop: {reason}")]
     StopFailed { pid: i32, reason: String },
+    #[error("the PostgreSQL server in {} kept shutting down while healthd tried to use it; is another program stopping it?", cluster.display())]
+    KeptStopping { cluster: PathBuf },
     #[error("private PostgreSQL setup task failed: {0}")]
     Task(String),
 }
@@ -268,10 +270,9 @@ impl EmbeddedPostgres {
             drop(lock);
             return Ok(pg);
         }
-        Err(EmbeddedError::Task(format!(
-            "the PostgreSQL server in {} kept stopping while healthd tried to use it",
-            data_dir.join("pg").display()
-        )))
+        Err(EmbeddedError::KeptStopping {
+            cluster: data_dir.join("pg"),
+        })
     }
 
     /// Connection URL for `dbname` over the private socket, understood by libpq (sync diesel)
@@ -314,6 +315,11 @@ impl EmbeddedPostgres {
     /// Process id of the postmaster.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Server version (e.g. `15.14`); `None` when attached to a server started elsewhere.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
     }
 
     /// Creates database `name` if it does not exist (safe against concurrent creation).
@@ -457,7 +463,7 @@ fn prepare(
     if let Some(pm) = PostmasterPid::read(&paths.cluster_dir).map_err(|e| {
         EmbeddedError::io("cannot read", &paths.cluster_dir.join("postmaster.pid"), e)
     })? {
-        if process::alive(pm.pid) && process::may_be_postmaster(pm.pid) {
+        if process::alive(pm.pid) && process::may_be_postmaster_of(pm.pid, &paths.cluster_dir) {
             return Ok((lock, paths, Prepared::Running(pm)));
         }
         if process::alive(pm.pid) {

@@ -61,12 +61,18 @@ pub fn comm(pid: i32) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// False only when we can tell that `pid` is some other program (pid reuse after a reboot or a
-/// container restart), so a stale `postmaster.pid` naming it may be removed.
-pub fn may_be_postmaster(pid: i32) -> bool {
-    match comm(pid) {
-        Some(name) => name.starts_with("postgres") || name.starts_with("postmaster"),
-        None => true,
+/// False only when we can tell that `pid` is not the postmaster of `cluster_dir` (pid reuse
+/// after a reboot or a container restart), so a stale `postmaster.pid` naming it may be removed.
+/// A postmaster runs a `postgres` binary and works in its data directory.
+pub fn may_be_postmaster_of(pid: i32, cluster_dir: &Path) -> bool {
+    if let Some(name) = comm(pid) {
+        if !(name.starts_with("postgres") || name.starts_with("postmaster")) {
+            return false;
+        }
+    }
+    match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        Ok(cwd) => std::fs::canonicalize(cluster_dir).is_ok_and(|c| c == cwd),
+        Err(_) => true,
     }
 }
 
@@ -164,5 +170,7 @@ mod tests {
             start_time: me.start_time.map(|t| t + 1),
         };
         assert!(!reused.is_alive());
+        // This test process is no postmaster.
+        assert!(!may_be_postmaster_of(me.pid, Path::new("/")));
     }
 }
