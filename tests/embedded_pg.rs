@@ -218,8 +218,18 @@ async fn cluster_lifecycle_under_target_dir() {
         .await
         .unwrap();
     let pid = pg.pid();
+    let conf = pg.cluster_dir().join("postgresql.conf");
     pg.stop().await.unwrap();
     assert!(gone(pid));
+
+    // A server that cannot start: the error quotes its log, nothing is left running.
+    let good_conf = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good_conf}\nshared_buffers = 'plenty'\n")).unwrap();
+    let err = EmbeddedPostgres::start(&data).await.unwrap_err();
+    assert!(matches!(err, EmbeddedError::ExitedEarly { .. }), "{err:?}");
+    assert!(err.to_string().contains("shared_buffers"), "{err}");
+    assert!(!pid_file.exists());
+    std::fs::write(&conf, good_conf).unwrap();
 }
 
 /// Long data directory paths under /tmp: the socket moves to a short private directory, and the

@@ -249,7 +249,10 @@ impl EmbeddedPostgres {
                 .map_err(|e| EmbeddedError::Task(e.to_string()))??;
             let pg = match prepared {
                 Prepared::Spawned(mut pg) => {
-                    pg.wait_ready(options.start_timeout).await?;
+                    if let Err(e) = pg.wait_ready(options.start_timeout).await {
+                        let _ = pg.stop().await;
+                        return Err(e);
+                    }
                     tracing::info!(
                         "started private PostgreSQL {} at {} (cluster {}, pid {})",
                         pg.version.as_deref().unwrap_or(""),
@@ -265,7 +268,10 @@ impl EmbeddedPostgres {
                 },
             };
             if let Some(name) = &options.database {
-                pg.ensure_database(name).await?;
+                if let Err(e) = pg.ensure_database(name).await {
+                    let _ = pg.stop().await;
+                    return Err(e);
+                }
             }
             drop(lock);
             return Ok(pg);
