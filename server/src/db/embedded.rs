@@ -24,8 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diesel::sql_types::{Integer, Text};
-use diesel::QueryableByName;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid};
@@ -330,43 +329,11 @@ impl EmbeddedPostgres {
 
     /// Creates database `name` if it does not exist (safe against concurrent creation).
     pub async fn ensure_database(&self, name: &str) -> Result<(), EmbeddedError> {
-        #[derive(QueryableByName)]
-        struct Found {
-            #[diesel(sql_type = Integer)]
-            #[allow(dead_code)]
-            found: i32,
-        }
-        async fn exists(
-            conn: &mut AsyncPgConnection,
-            name: &str,
-        ) -> Result<bool, diesel::result::Error> {
-            let rows: Vec<Found> =
-                diesel::sql_query("SELECT 1 AS found FROM pg_database WHERE datname = $1")
-                    .bind::<Text, _>(name)
-                    .load(conn)
-                    .await?;
-            Ok(!rows.is_empty())
-        }
-        let err = |source| EmbeddedError::CreateDatabase {
-            name: name.to_string(),
-            source,
-        };
-        let mut conn = AsyncPgConnection::establish(&self.database_url("postgres")).await?;
-        if exists(&mut conn, name).await.map_err(err)? {
-            return Ok(());
-        }
-        let create = format!("CREATE DATABASE {}", quote_ident(name));
-        match diesel::sql_query(create).execute(&mut conn).await {
-            Ok(_) => {
-                tracing::info!("created database {name} in the private PostgreSQL");
-                Ok(())
-            }
-            // Lost a race with another process creating it: fine.
-            Err(e) => match exists(&mut conn, name).await {
-                Ok(true) => Ok(()),
-                _ => Err(err(e)),
-            },
-        }
+        let url = self.database_url("postgres");
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || create_database_if_missing(&url, &name))
+            .await
+            .map_err(|e| EmbeddedError::Task(e.to_string()))?
     }
 
     /// Shuts an owned server down (fast shutdown: open sessions are ended, then a checkpoint) and
@@ -391,8 +358,10 @@ impl EmbeddedPostgres {
 
     /// Waits until the freshly spawned server accepts connections.
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), EmbeddedError> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let url = self.database_url("postgres");
+        let mut last_error = String::from("not ready yet");
         loop {
             if let Role::Spawned(child) = &mut self.role {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -404,20 +373,29 @@ impl EmbeddedPostgres {
                     });
                 }
             }
-            let last_error = match try_connect(&url).await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
+            // The server writes `ready` into postmaster.pid once it accepts connections: wait for
+            // that before connecting, so the log does not fill with "the database system is
+            // starting up". Connect anyway after a while, in case the status is never written.
+            let announced = PostmasterPid::read(&self.cluster_dir)
+                .ok()
+                .flatten()
+                .is_some_and(|pm| pm.pid == self.pid && pm.status.as_deref() == Some("ready"));
+            if announced || started.elapsed() > Duration::from_secs(3) {
+                match try_connect(&url).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last_error = e,
+                }
+            }
             if Instant::now() >= deadline {
                 return Err(EmbeddedError::NotReady {
                     socket: self.socket_dir.clone(),
                     timeout,
-                    last_error,
+                    last_error: last_error.clone(),
                     log: self.log_path.clone(),
                     tail: log_tail(&self.log_path),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -810,11 +788,53 @@ fn remove_if_exists(path: &Path) -> Result<(), EmbeddedError> {
 }
 
 /// One connection attempt, bounded so a wedged server cannot hang the start.
+/// One connection attempt, bounded so a wedged server cannot hang the start. Uses libpq (sync
+/// diesel), which says goodbye properly on close, so the server log is not littered with
+/// "connection to client lost" (diesel-async drops the socket without a Terminate message).
 async fn try_connect(url: &str) -> Result<(), String> {
-    match tokio::time::timeout(Duration::from_secs(5), AsyncPgConnection::establish(url)).await {
-        Ok(Ok(_conn)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("connection attempt timed out".into()),
+    let url = format!("{url}?connect_timeout=5");
+    tokio::task::spawn_blocking(move || {
+        PgConnection::establish(&url)
+            .map(drop)
+            .map_err(|e| e.to_string().trim().to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Blocking body of [`EmbeddedPostgres::ensure_database`].
+fn create_database_if_missing(url: &str, name: &str) -> Result<(), EmbeddedError> {
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = Integer)]
+        #[allow(dead_code)]
+        found: i32,
+    }
+    fn exists(conn: &mut PgConnection, name: &str) -> Result<bool, diesel::result::Error> {
+        let rows: Vec<Found> =
+            diesel::sql_query("SELECT 1 AS found FROM pg_database WHERE datname = $1")
+                .bind::<Text, _>(name)
+                .load(conn)?;
+        Ok(!rows.is_empty())
+    }
+    let err = |source| EmbeddedError::CreateDatabase {
+        name: name.to_string(),
+        source,
+    };
+    let mut conn = PgConnection::establish(url)?;
+    if exists(&mut conn, name).map_err(err)? {
+        return Ok(());
+    }
+    match diesel::sql_query(format!("CREATE DATABASE {}", quote_ident(name))).execute(&mut conn) {
+        Ok(_) => {
+            tracing::info!("created database {name} in the private PostgreSQL");
+            Ok(())
+        }
+        // Lost a race with another process creating it: fine.
+        Err(e) => match exists(&mut conn, name) {
+            Ok(true) => Ok(()),
+            _ => Err(err(e)),
+        },
     }
 }
 
