@@ -65,7 +65,11 @@ async fn server() -> &'static Server {
                             target_dir().to_string_lossy().as_bytes()
                         ))[..12]
                     ));
-                    let pg = EmbeddedPostgres::start(&dir)
+                    let options = crate::db::embedded::Options {
+                        durable: false,
+                        ..Default::default()
+                    };
+                    let pg = EmbeddedPostgres::start_with(&dir, options)
                         .await
                         .unwrap_or_else(|e| panic!("cannot start test PostgreSQL in {}: {e}", dir.display()));
                     (pg.database_url("postgres"), Some(pg))
