@@ -284,3 +284,48 @@ pub trait Connector: Sized + Send {
     /// Running it again with the cursor of the last batch must not produce duplicates.
     fn sync(&mut self, ctx: &mut SyncContext<'_>) -> Result<(), ConnectorError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::UsageEvent;
+
+    /// Measures what one batch costs to cross the boundary (encode in the plugin, decode in the
+    /// host). Run with `cargo test --release -p healthd-plugin-api -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn batch_wire_throughput() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-26T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let records: Vec<Record> = (0..5000)
+            .map(|i| {
+                Record::UsageEvent(UsageEvent {
+                    account_key: format!("acct-{:04}", i % 200),
+                    user_id: Some(format!("u{:02}@acmelabs.com", i % 25)),
+                    event: "page_view".into(),
+                    feature: Some("dashboards".into()),
+                    occurred_at: t0 + chrono::Duration::seconds(i),
+                    count: 3,
+                    event_id: Some(format!("acct-{:04}-20261126-{:02}-{}", i % 200, i % 25, i)),
+                })
+            })
+            .collect();
+        let batch = Batch {
+            records,
+            rejections: vec![],
+            cursor: Some("{\"until\":\"x\"}".into()),
+        };
+        let rounds = 40;
+        let start = std::time::Instant::now();
+        let mut bytes = 0;
+        for _ in 0..rounds {
+            let wire = crate::abi::encode_batch(&batch).unwrap();
+            bytes = wire.len();
+            let back = crate::abi::decode_batch(&wire).unwrap();
+            assert_eq!(back.records.len(), 5000);
+        }
+        let per_sec = f64::from(rounds * 5000) / start.elapsed().as_secs_f64();
+        eprintln!("{bytes} bytes per 5000-record batch; {per_sec:.0} records/s encode + decode");
+    }
+}

@@ -513,7 +513,7 @@ impl RunState<'_> {
         if self.cancel.is_cancelled() {
             return Err(EmitRefusal::Cancelled);
         }
-        let batch: Batch = match serde_json::from_slice(bytes) {
+        let batch: Batch = match abi::decode_batch(bytes) {
             Ok(b) => b,
             Err(e) => {
                 let m = e.to_string();
