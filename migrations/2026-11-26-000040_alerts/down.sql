@@ -1,0 +1,13 @@
+DROP TRIGGER IF EXISTS alerts_published ON alerts;
+DROP TRIGGER IF EXISTS alerts_feed_lock ON alerts;
+DROP TRIGGER IF EXISTS score_changes_published ON score_changes;
+DROP TRIGGER IF EXISTS score_changes_feed_lock ON score_changes;
+DROP FUNCTION IF EXISTS healthd_alerts_published();
+DROP FUNCTION IF EXISTS healthd_score_changes_published();
+DROP FUNCTION IF EXISTS healthd_feed_lock();
+DROP INDEX IF EXISTS webhook_deliveries_webhook_idx;
+DROP TABLE IF EXISTS webhook_delivery_attempts;
+DROP INDEX IF EXISTS alerts_feedback_idx;
+DROP INDEX IF EXISTS alerts_snoozed_idx;
+DROP INDEX IF EXISTS alerts_cooldown_idx;
+ALTER TABLE alerts DROP COLUMN IF EXISTS resolved_by, DROP COLUMN IF EXISTS details, DROP COLUMN IF EXISTS feedback_at, DROP COLUMN IF EXISTS feedback_by, DROP COLUMN IF EXISTS owner;
