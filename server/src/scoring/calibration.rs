@@ -1,0 +1,400 @@
+//! Calibration: fit signal weights to actual churn ("review weights quarterly against actual churn").
+//!
+//! 1. Every account with a churn outcome is looked at `lookback_days` before it churned; every other
+//!    account at one of those same dates (picked by a hash of its id), so both groups are seen at
+//!    comparable moments.
+//! 2. The signals are computed as of those moments with the same engine that scores today (missing
+//!    signals are imputed with the training mean of that signal).
+//! 3. Accounts are split deterministically by a hash of their id: 70% train, 30% held out.
+//! 4. A logistic regression (linfa-logistic, lightly L2-regularised) of churn on the 0–1 signal scores
+//!    is fitted on the training accounts. A signal whose higher score means less churn has a negative
+//!    coefficient; the proposed weights are those protective coefficients, normalised to 100 points
+//!    (signals that do not protect get 0).
+//! 5. On the held-out accounts, the AUC of the score for churn (lower score = more risk) is reported
+//!    for the proposed weights, the active model and equal weights, all scored by the full engine.
+//! 6. The proposal is stored as a new, inactive model version an admin can activate.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::sql_types::{BigInt, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::RunQueryDsl;
+use linfa::traits::Fit;
+use linfa::Dataset;
+use linfa_logistic::LogisticRegression;
+use ndarray::{Array1, Array2};
+
+use super::engine::{evaluate_signals, score_account};
+use super::inputs::{self, BATCH_SIZE};
+use super::model::{self, ModelConfig, NewModel, ScoringModel};
+use super::run::run_context;
+use super::signals::{AccountInputs, SignalKey};
+use super::ScoringError;
+use crate::db::DbPool;
+
+/// One signal's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibratedSignal {
+    pub key: String,
+    pub label: String,
+    /// Logistic-regression coefficient for churn (negative: a higher score means less churn).
+    pub coefficient: f64,
+    pub proposed_weight: f64,
+    pub active_weight: f64,
+    /// Share of sampled accounts where the signal had data.
+    pub coverage: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationReport {
+    pub lookback_days: i64,
+    pub churned_accounts: usize,
+    pub retained_accounts: usize,
+    pub train_size: usize,
+    pub train_churned: usize,
+    pub test_size: usize,
+    pub test_churned: usize,
+    /// Highest proposed weight first.
+    pub signals: Vec<CalibratedSignal>,
+    pub auc_proposed: f64,
+    pub auc_active: f64,
+    pub auc_equal: f64,
+    pub active_version: i32,
+    /// The inactive model version holding the proposal.
+    pub proposed_version: i32,
+    pub notes: String,
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Deterministic held-out split: about 30% of accounts, by a hash of the id.
+pub fn is_held_out(account_id: i64) -> bool {
+    splitmix64(account_id as u64) % 100 >= 70
+}
+
+/// Area under the ROC curve of `risk` for `positive` (ties count half). `None` without both classes.
+pub fn auc(risk: &[f64], positive: &[bool]) -> Option<f64> {
+    let n_pos = positive.iter().filter(|p| **p).count();
+    let n_neg = positive.len() - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    let mut idx: Vec<usize> = (0..risk.len()).collect();
+    idx.sort_by(|&a, &b| {
+        risk[a]
+            .partial_cmp(&risk[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    // Average ranks over ties (1-based).
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && risk[idx[j + 1]] == risk[idx[i]] {
+            j += 1;
+        }
+        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            if positive[k] {
+                rank_sum_pos += avg_rank;
+            }
+        }
+        i = j + 1;
+    }
+    let u = rank_sum_pos - (n_pos * (n_pos + 1)) as f64 / 2.0;
+    Some(u / (n_pos as f64 * n_neg as f64))
+}
+
+struct Sample {
+    account_id: i64,
+    churned: bool,
+    at: DateTime<Utc>,
+    inputs: AccountInputs,
+    /// Signal scores in `SignalKey::ALL` order; `None` when missing.
+    scores: Vec<Option<f64>>,
+}
+
+fn with_weights(base: &ScoringModel, weights: BTreeMap<String, f64>) -> ScoringModel {
+    let mut m = base.clone();
+    m.config.weights = weights;
+    m
+}
+
+/// Fits weights to churn outcomes as of `lookback_days` before churn, reports held-out AUCs and
+/// stores the proposal as an inactive model version. For `healthd calibrate` and
+/// `calibrateScoringModel`.
+pub async fn calibrate(
+    pool: &DbPool,
+    lookback_days: i64,
+) -> Result<CalibrationReport, ScoringError> {
+    calibrate_at(pool, lookback_days, Utc::now()).await
+}
+
+/// [`calibrate`] with an injectable "now" (accounts are never looked at after it).
+pub async fn calibrate_at(
+    pool: &DbPool,
+    lookback_days: i64,
+    now: DateTime<Utc>,
+) -> Result<CalibrationReport, ScoringError> {
+    if !(1..=3650).contains(&lookback_days) {
+        return Err(ScoringError::Calibration(
+            "lookbackDays must be between 1 and 3650".into(),
+        ));
+    }
+    let mut conn = pool.get().await?;
+    #[derive(QueryableByName)]
+    struct Churn {
+        #[diesel(sql_type = BigInt)]
+        account_id: i64,
+        #[diesel(sql_type = Timestamptz)]
+        churned_at: DateTime<Utc>,
+    }
+    let churn: Vec<Churn> = diesel::sql_query(
+        "SELECT c.account_id, MIN(c.churned_at) AS churned_at FROM churn_outcomes c
+         JOIN accounts a ON a.id = c.account_id GROUP BY c.account_id ORDER BY c.account_id",
+    )
+    .load(&mut conn)
+    .await?;
+    if churn.is_empty() {
+        return Err(ScoringError::Calibration(
+            "there are no churn outcomes in the store".into(),
+        ));
+    }
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let all: Vec<Id> = diesel::sql_query("SELECT id FROM accounts ORDER BY id")
+        .load(&mut conn)
+        .await?;
+    let churned_ids: HashSet<i64> = churn.iter().map(|c| c.account_id).collect();
+    let lookback = Duration::days(lookback_days);
+    let mut moments: Vec<DateTime<Utc>> = churn
+        .iter()
+        .map(|c| (c.churned_at - lookback).min(now))
+        .collect();
+    moments.sort();
+    let mut plan: Vec<(i64, bool, DateTime<Utc>)> = churn
+        .iter()
+        .map(|c| (c.account_id, true, (c.churned_at - lookback).min(now)))
+        .collect();
+    for a in all.iter().filter(|a| !churned_ids.contains(&a.id)) {
+        let at = moments[(splitmix64(a.id as u64 ^ 0x5EED) % moments.len() as u64) as usize];
+        plan.push((a.id, false, at));
+    }
+    plan.sort_by_key(|p| p.0);
+
+    let run = run_context(&mut conn, now, false, false).await?;
+    let active = run.models.default.clone();
+    let support = inputs::support_synced(&mut conn, now).await?;
+    let mut samples: Vec<Sample> = Vec::with_capacity(plan.len());
+    for chunk in plan.chunks(BATCH_SIZE) {
+        let ids: Vec<i64> = chunk.iter().map(|p| p.0).collect();
+        let ts: Vec<DateTime<Utc>> = chunk.iter().map(|p| p.2).collect();
+        let loaded = inputs::load_inputs(
+            &mut conn,
+            &ids,
+            &ts,
+            support,
+            active.config.csat_window_days,
+        )
+        .await?;
+        for (inp, p) in loaded.into_iter().zip(chunk.iter()) {
+            debug_assert_eq!(inp.account_id, p.0);
+            let evals = evaluate_signals(&inp, p.2, &active.config, &run.engine);
+            let scores = evals
+                .iter()
+                .map(|(_, e)| e.as_ref().map(|e| e.score))
+                .collect();
+            samples.push(Sample {
+                account_id: p.0,
+                churned: p.1,
+                at: p.2,
+                inputs: inp,
+                scores,
+            });
+        }
+    }
+    drop(conn);
+
+    let (train, test): (Vec<&Sample>, Vec<&Sample>) =
+        samples.iter().partition(|s| !is_held_out(s.account_id));
+    let train_churned = train.iter().filter(|s| s.churned).count();
+    let test_churned = test.iter().filter(|s| s.churned).count();
+    if train_churned == 0
+        || train_churned == train.len()
+        || test_churned == 0
+        || test_churned == test.len()
+    {
+        return Err(ScoringError::Calibration(format!(
+            "need churned and retained accounts in both the training ({} of {} churned) and held-out ({} of {} churned) sets",
+            train_churned,
+            train.len(),
+            test_churned,
+            test.len()
+        )));
+    }
+
+    let k = SignalKey::ALL.len();
+    let mut means = vec![0.5; k];
+    let mut coverage = vec![0.0; k];
+    for (j, mean) in means.iter_mut().enumerate() {
+        let present: Vec<f64> = train.iter().filter_map(|s| s.scores[j]).collect();
+        if !present.is_empty() {
+            *mean = present.iter().sum::<f64>() / present.len() as f64;
+        }
+        coverage[j] =
+            samples.iter().filter(|s| s.scores[j].is_some()).count() as f64 / samples.len() as f64;
+    }
+    let mut x = Array2::<f64>::zeros((train.len(), k));
+    let mut y = Array1::<usize>::zeros(train.len());
+    for (i, s) in train.iter().enumerate() {
+        for j in 0..k {
+            x[[i, j]] = s.scores[j].unwrap_or(means[j]);
+        }
+        y[i] = usize::from(s.churned);
+    }
+    let fitted = LogisticRegression::default()
+        .alpha(0.01)
+        .max_iterations(500)
+        .fit(&Dataset::new(x, y))
+        .map_err(|e| ScoringError::Calibration(format!("logistic regression failed: {e}")))?;
+    // Coefficients are for the probability of the larger label (1 = churned); flip if not.
+    let sign = if fitted.labels().pos.class == 1 {
+        1.0
+    } else {
+        -1.0
+    };
+    let coefs: Vec<f64> = fitted.params().iter().map(|c| c * sign).collect();
+    let protective: Vec<f64> = coefs.iter().map(|c| (-c).max(0.0)).collect();
+    let total: f64 = protective.iter().sum();
+    if total <= 1e-9 {
+        return Err(ScoringError::Calibration(
+            "no signal predicted retention on this data; keep the current weights".into(),
+        ));
+    }
+    let proposed: BTreeMap<String, f64> = SignalKey::ALL
+        .iter()
+        .zip(protective.iter())
+        .map(|(key, p)| {
+            (
+                key.as_str().to_string(),
+                (p * 1000.0 / total).round() / 10.0,
+            )
+        })
+        .collect();
+    let equal: BTreeMap<String, f64> = SignalKey::ALL
+        .iter()
+        .map(|key| (key.as_str().to_string(), 100.0 / k as f64))
+        .collect();
+    let proposed_model = with_weights(&active, proposed.clone());
+    let equal_model = with_weights(&active, equal);
+
+    let positives: Vec<bool> = test.iter().map(|s| s.churned).collect();
+    let risk_with = |m: &ScoringModel| -> Vec<f64> {
+        test.iter()
+            .map(|s| score_account(&s.inputs, s.at, m, &run.engine).map_or(-50.0, |sc| -sc.score))
+            .collect()
+    };
+    let risk_active: Vec<f64> = test
+        .iter()
+        .map(|s| {
+            let m = run.models.for_account(&s.inputs.fields);
+            score_account(&s.inputs, s.at, m, &run.engine).map_or(-50.0, |sc| -sc.score)
+        })
+        .collect();
+    let auc_proposed = auc(&risk_with(&proposed_model), &positives).unwrap_or(0.5);
+    let auc_equal = auc(&risk_with(&equal_model), &positives).unwrap_or(0.5);
+    let auc_active = auc(&risk_active, &positives).unwrap_or(0.5);
+
+    let notes = format!(
+        "Calibrated on {} accounts ({} churned), lookback {} days; held-out AUC {:.3} (active v{} {:.3}, equal weights {:.3}) on {} accounts ({} churned). Subscriptions are seen in their current state.",
+        samples.len(),
+        churn.len(),
+        lookback_days,
+        auc_proposed,
+        active.version,
+        auc_active,
+        auc_equal,
+        test.len(),
+        test_churned
+    );
+    let mut config: ModelConfig = active.config.clone();
+    config.weights = proposed.clone();
+    let stored = model::create_version(
+        pool,
+        NewModel {
+            name: format!("calibrated {}", now.format("%Y-%m-%d")),
+            segment: None,
+            priority: 0,
+            config,
+            notes: Some(notes.clone()),
+            created_by: Some("calibration".into()),
+            activate: false,
+        },
+    )
+    .await?;
+
+    let mut signals: Vec<CalibratedSignal> = SignalKey::ALL
+        .iter()
+        .enumerate()
+        .map(|(j, key)| CalibratedSignal {
+            key: key.as_str().into(),
+            label: key.label().into(),
+            coefficient: (coefs[j] * 1000.0).round() / 1000.0,
+            proposed_weight: proposed[key.as_str()],
+            active_weight: active.config.weight(*key),
+            coverage: (coverage[j] * 1000.0).round() / 1000.0,
+        })
+        .collect();
+    signals.sort_by(|a, b| {
+        b.proposed_weight
+            .partial_cmp(&a.proposed_weight)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+
+    Ok(CalibrationReport {
+        lookback_days,
+        churned_accounts: churn.len(),
+        retained_accounts: samples.len() - churn.len(),
+        train_size: train.len(),
+        train_churned,
+        test_size: test.len(),
+        test_churned,
+        signals,
+        auc_proposed,
+        auc_active,
+        auc_equal,
+        active_version: active.version,
+        proposed_version: stored.version,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_of_perfect_and_inverted_rankings() {
+        let pos = [true, true, false, false];
+        assert_eq!(auc(&[0.9, 0.8, 0.1, 0.2], &pos), Some(1.0));
+        assert_eq!(auc(&[0.1, 0.2, 0.9, 0.8], &pos), Some(0.0));
+        assert_eq!(auc(&[0.5, 0.5, 0.5, 0.5], &pos), Some(0.5));
+        assert_eq!(auc(&[0.5], &[true]), None);
+    }
+
+    #[test]
+    fn split_is_deterministic_and_roughly_30_percent() {
+        let held = (1..=10_000).filter(|i| is_held_out(*i)).count();
+        assert!((2_500..3_500).contains(&held), "{held}");
+        assert_eq!(is_held_out(42), is_held_out(42));
+    }
+}

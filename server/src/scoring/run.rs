@@ -1,0 +1,431 @@
+//! Bulk rescoring: load inputs per batch of accounts (one statement), score in Rust, then write the
+//! batch in one transaction with multi-row `UNNEST` statements: `health_current` for every account,
+//! `health_scores` when the score or tier changed or the last history row is a day old, and
+//! `score_changes` (the durable feed) when the score or tier changed. After each commit,
+//! `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+use super::engine::{self, EngineContext, Score};
+use super::inputs::{self, BATCH_SIZE};
+use super::model::{self, ActiveModels};
+use super::ScoringError;
+use crate::db::DbPool;
+
+/// Which accounts to rescore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RescoreScope {
+    /// Every account (the daily job, `healthd score`, `recomputeScores`).
+    All,
+    /// The accounts a connector run touched.
+    Accounts(Vec<i64>),
+}
+
+/// What a rescore did. The alerts step reads `changed_account_ids` and the feed rows by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RescoreSummary {
+    /// Accounts that got a score (accounts with no data of any kind stay unscored).
+    pub accounts_scored: usize,
+    /// Accounts looked at but left unscored for lack of any data.
+    pub accounts_without_data: usize,
+    /// Accounts whose score or tier changed (including first scores).
+    pub changed_account_ids: Vec<i64>,
+    /// `score_changes` ids appended, ascending.
+    pub feed_ids: Vec<i64>,
+    pub max_feed_id: Option<i64>,
+    /// `health_scores` rows written.
+    pub history_rows: usize,
+    /// The active default model's version.
+    pub model_version: i32,
+    /// Every model version that scored an account in this run.
+    pub model_versions: Vec<i32>,
+    /// The moment T the scores are as of.
+    pub computed_at: DateTime<Utc>,
+    pub full: bool,
+    pub elapsed_ms: u64,
+}
+
+/// Rescores `scope` as of now. The entry point for connector runs and the daily job.
+pub async fn rescore(pool: &DbPool, scope: RescoreScope) -> Result<RescoreSummary, ScoringError> {
+    rescore_at(pool, scope, Utc::now()).await
+}
+
+/// `healthd score`: every account, now.
+pub async fn recompute_now(pool: &DbPool) -> Result<RescoreSummary, ScoringError> {
+    rescore(pool, RescoreScope::All).await
+}
+
+/// Everything a run shares across batches.
+pub(crate) struct RunContext {
+    pub models: ActiveModels,
+    pub engine: EngineContext,
+    pub support_synced: bool,
+}
+
+/// Loads models, freshness and key features as of `now`. `full` refreshes the derived key features.
+pub(crate) async fn run_context(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    full: bool,
+    with_freshness: bool,
+) -> Result<RunContext, ScoringError> {
+    let models = model::load_active(conn).await?;
+    let wanted = std::iter::once(&models.default)
+        .chain(models.segments.iter())
+        .filter(|m| m.config.key_features.is_empty())
+        .map(|m| m.config.key_feature_count)
+        .max();
+    let default_key_features = match wanted {
+        Some(n) => inputs::key_features(conn, now, n, full).await?,
+        None => Vec::new(),
+    };
+    let stale = if with_freshness {
+        inputs::stale_sources(conn, now).await?
+    } else {
+        Vec::new()
+    };
+    let support_synced = inputs::support_synced(conn, now).await?;
+    Ok(RunContext {
+        models,
+        engine: EngineContext {
+            default_key_features,
+            stale,
+        },
+        support_synced,
+    })
+}
+
+/// Scores already-loaded inputs (pure; the engine per account with the model precedence rule).
+pub(crate) fn score_batch(
+    run: &RunContext,
+    inputs: &[super::signals::AccountInputs],
+    now: DateTime<Utc>,
+) -> (Vec<Score>, usize) {
+    let mut out = Vec::with_capacity(inputs.len());
+    let mut without = 0;
+    for i in inputs {
+        let model = run.models.for_account(&i.fields);
+        match engine::score_account(i, now, model, &run.engine) {
+            Some(s) => out.push(s),
+            None => without += 1,
+        }
+    }
+    (out, without)
+}
+
+/// Rescores `scope` as of `now` (injectable so tests and rebuilds are deterministic).
+pub async fn rescore_at(
+    pool: &DbPool,
+    scope: RescoreScope,
+    now: DateTime<Utc>,
+) -> Result<RescoreSummary, ScoringError> {
+    let started = Instant::now();
+    let full = scope == RescoreScope::All;
+    let mut conn = pool.get().await?;
+    let run = run_context(&mut conn, now, full, true).await?;
+    let csat_window = run.models.default.config.csat_window_days;
+    let mut summary = RescoreSummary {
+        model_version: run.models.default.version,
+        computed_at: now,
+        full,
+        ..Default::default()
+    };
+    let mut versions_used = std::collections::BTreeSet::new();
+
+    let explicit: Option<Vec<i64>> = match &scope {
+        RescoreScope::All => None,
+        RescoreScope::Accounts(ids) => {
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            Some(ids)
+        }
+    };
+    let mut last_id = i64::MIN;
+    let mut chunk_index = 0usize;
+    loop {
+        let ids: Vec<i64> = match &explicit {
+            Some(all) => {
+                let start = chunk_index * BATCH_SIZE;
+                if start >= all.len() {
+                    break;
+                }
+                chunk_index += 1;
+                all[start..(start + BATCH_SIZE).min(all.len())].to_vec()
+            }
+            None => {
+                let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
+                match ids.last() {
+                    Some(l) => last_id = *l,
+                    None => break,
+                }
+                ids
+            }
+        };
+        let ts = vec![now; ids.len()];
+        let inputs =
+            inputs::load_inputs(&mut conn, &ids, &ts, run.support_synced, csat_window).await?;
+        let (scores, without) = score_batch(&run, &inputs, now);
+        summary.accounts_without_data += without;
+        summary.accounts_scored += scores.len();
+        versions_used.extend(scores.iter().map(|s| s.model_version));
+        let written = write_batch(&mut conn, &scores, now).await?;
+        summary.history_rows += written.history_rows;
+        summary.changed_account_ids.extend(written.changed);
+        if let Some(max) = written.feed_ids.iter().max().copied() {
+            notify_score_change(&mut conn, max).await;
+        }
+        summary.feed_ids.extend(written.feed_ids);
+    }
+    summary.feed_ids.sort_unstable();
+    summary.max_feed_id = summary.feed_ids.last().copied();
+    summary.model_versions = versions_used.into_iter().collect();
+    if full {
+        diesel::sql_query("UPDATE scoring_state SET last_full_finished_at = $1, last_full_accounts = $2 WHERE id = 1")
+            .bind::<Timestamptz, _>(now)
+            .bind::<Integer, _>(summary.accounts_scored as i32)
+            .execute(&mut conn)
+            .await?;
+    }
+    drop(conn);
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    metrics::counter!("healthd_scoring_accounts_scored_total")
+        .increment(summary.accounts_scored as u64);
+    metrics::counter!("healthd_scoring_score_changes_total")
+        .increment(summary.changed_account_ids.len() as u64);
+    metrics::histogram!("healthd_scoring_rescore_seconds", "scope" => if full { "all" } else { "accounts" })
+        .record(started.elapsed().as_secs_f64());
+    tracing::info!(
+        scored = summary.accounts_scored,
+        changed = summary.changed_account_ids.len(),
+        history_rows = summary.history_rows,
+        elapsed_ms = summary.elapsed_ms,
+        full,
+        "rescore finished"
+    );
+
+    // HOOK: alerts evaluate
+
+    Ok(summary)
+}
+
+async fn next_account_ids(
+    conn: &mut AsyncPgConnection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<i64>, ScoringError> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let rows: Vec<Id> =
+        diesel::sql_query("SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind::<BigInt, _>(after)
+            .bind::<BigInt, _>(limit as i64)
+            .load(conn)
+            .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Best effort: the feed is durable, the notification is only a hint.
+async fn notify_score_change(conn: &mut AsyncPgConnection, max_id: i64) {
+    let payload = serde_json::json!({ "kind": "score_change", "id": max_id }).to_string();
+    if let Err(e) = diesel::sql_query("SELECT pg_notify('healthd_events', $1)")
+        .bind::<Text, _>(payload)
+        .execute(conn)
+        .await
+    {
+        tracing::warn!(error = %e, "NOTIFY healthd_events failed (subscribers will catch up from the feed)");
+    }
+}
+
+#[derive(Default)]
+struct Written {
+    changed: Vec<i64>,
+    feed_ids: Vec<i64>,
+    history_rows: usize,
+}
+
+#[derive(QueryableByName)]
+struct Previous {
+    #[diesel(sql_type = BigInt)]
+    account_id: i64,
+    #[diesel(sql_type = Double)]
+    score: f64,
+    #[diesel(sql_type = Text)]
+    tier: String,
+    #[diesel(sql_type = Nullable<Double>)]
+    previous_score: Option<f64>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    last_history: Option<DateTime<Utc>>,
+}
+
+/// Signals and drivers as stored JSON.
+fn signals_json(s: &Score) -> serde_json::Value {
+    serde_json::to_value(&s.signals).unwrap_or(serde_json::Value::Array(vec![]))
+}
+
+fn drivers_json(s: &Score) -> serde_json::Value {
+    serde_json::to_value(s.drivers()).unwrap_or(serde_json::Value::Array(vec![]))
+}
+
+/// Writes one batch of scores in one transaction.
+async fn write_batch(
+    conn: &mut AsyncPgConnection,
+    scores: &[Score],
+    now: DateTime<Utc>,
+) -> Result<Written, ScoringError> {
+    if scores.is_empty() {
+        return Ok(Written::default());
+    }
+    conn.transaction::<Written, ScoringError, _>(async |conn| {
+            let ids: Vec<i64> = scores.iter().map(|s| s.account_id).collect();
+            // Lock the current rows: concurrent rescores of the same accounts serialise here.
+            let prev: Vec<Previous> = diesel::sql_query(
+                "SELECT h.account_id, h.score, h.tier, h.previous_score,
+                        (SELECT MAX(hs.computed_at) FROM health_scores hs WHERE hs.account_id = h.account_id) AS last_history
+                 FROM health_current h WHERE h.account_id = ANY($1) FOR UPDATE OF h",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .load(conn)
+            .await?;
+            let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
+
+            let n = scores.len();
+            let mut c_score = Vec::with_capacity(n);
+            let mut c_tier = Vec::with_capacity(n);
+            let mut c_stale = Vec::with_capacity(n);
+            let mut c_version = Vec::with_capacity(n);
+            let mut c_signals = Vec::with_capacity(n);
+            let mut c_prev: Vec<Option<f64>> = Vec::with_capacity(n);
+            let mut c_change = Vec::with_capacity(n);
+            let mut history: Vec<usize> = Vec::new();
+            let mut changed: Vec<usize> = Vec::new();
+            for (i, s) in scores.iter().enumerate() {
+                let p = prev.get(&s.account_id);
+                let is_change = match p {
+                    None => true,
+                    Some(p) => (p.score - s.score).abs() > 1e-9 || p.tier != s.tier.as_str(),
+                };
+                let history_due = p.and_then(|p| p.last_history).is_none_or(|t| now - t >= Duration::hours(24));
+                if is_change {
+                    changed.push(i);
+                }
+                if is_change || history_due {
+                    history.push(i);
+                }
+                // previous_score moves only when the score changes, so `score_change` keeps saying
+                // how the latest change went after unchanged rescores.
+                let previous = match p {
+                    None => None,
+                    Some(p) if is_change => Some(p.score),
+                    Some(p) => p.previous_score,
+                };
+                c_score.push(s.score);
+                c_tier.push(s.tier.as_str().to_string());
+                c_stale.push(s.stale);
+                c_version.push(s.model_version);
+                c_signals.push(signals_json(s));
+                c_change.push(previous.map_or(0.0, |ps| ((s.score - ps) * 10.0).round() / 10.0));
+                c_prev.push(previous);
+            }
+
+            diesel::sql_query(
+                "INSERT INTO health_current
+                    (account_id, computed_at, score, tier, stale, model_version, signals, previous_score, score_change)
+                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals, x.previous_score, x.score_change
+                 FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::jsonb[], $8::float8[], $9::float8[])
+                      AS x(account_id, score, tier, stale, model_version, signals, previous_score, score_change)
+                 ON CONFLICT (account_id) DO UPDATE SET
+                    computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
+                    stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, signals = EXCLUDED.signals,
+                    previous_score = EXCLUDED.previous_score, score_change = EXCLUDED.score_change
+                 WHERE health_current.computed_at <= EXCLUDED.computed_at",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Double>, _>(&c_score)
+            .bind::<Array<Text>, _>(&c_tier)
+            .bind::<Array<Bool>, _>(&c_stale)
+            .bind::<Array<Integer>, _>(&c_version)
+            .bind::<Array<Jsonb>, _>(&c_signals)
+            .bind::<Array<Nullable<Double>>, _>(&c_prev)
+            .bind::<Array<Double>, _>(&c_change)
+            .execute(conn)
+            .await?;
+
+            if !history.is_empty() {
+                let h_ids: Vec<i64> = history.iter().map(|&i| ids[i]).collect();
+                let h_score: Vec<f64> = history.iter().map(|&i| c_score[i]).collect();
+                let h_tier: Vec<String> = history.iter().map(|&i| c_tier[i].clone()).collect();
+                let h_stale: Vec<bool> = history.iter().map(|&i| c_stale[i]).collect();
+                let h_version: Vec<i32> = history.iter().map(|&i| c_version[i]).collect();
+                let h_signals: Vec<serde_json::Value> = history.iter().map(|&i| c_signals[i].clone()).collect();
+                diesel::sql_query(
+                    "INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+                     SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals
+                     FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::jsonb[])
+                          AS x(account_id, score, tier, stale, model_version, signals)
+                     ON CONFLICT (account_id, computed_at) DO UPDATE SET
+                        score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+                        model_version = EXCLUDED.model_version, signals = EXCLUDED.signals",
+                )
+                .bind::<Timestamptz, _>(now)
+                .bind::<Array<BigInt>, _>(&h_ids)
+                .bind::<Array<Double>, _>(&h_score)
+                .bind::<Array<Text>, _>(&h_tier)
+                .bind::<Array<Bool>, _>(&h_stale)
+                .bind::<Array<Integer>, _>(&h_version)
+                .bind::<Array<Jsonb>, _>(&h_signals)
+                .execute(conn)
+                .await?;
+            }
+
+            let mut feed_ids = Vec::new();
+            if !changed.is_empty() {
+                let f_ids: Vec<i64> = changed.iter().map(|&i| ids[i]).collect();
+                let f_prev: Vec<Option<f64>> = changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.score)).collect();
+                let f_score: Vec<f64> = changed.iter().map(|&i| c_score[i]).collect();
+                let f_prev_tier: Vec<Option<String>> =
+                    changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.tier.clone())).collect();
+                let f_tier: Vec<String> = changed.iter().map(|&i| c_tier[i].clone()).collect();
+                let f_drivers: Vec<serde_json::Value> = changed.iter().map(|&i| drivers_json(&scores[i])).collect();
+                #[derive(QueryableByName)]
+                struct Id {
+                    #[diesel(sql_type = BigInt)]
+                    id: i64,
+                }
+                let rows: Vec<Id> = diesel::sql_query(
+                    "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers, changed_at)
+                     SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, x.drivers, $1
+                     FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[], $7::jsonb[])
+                          WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, drivers, n)
+                     ORDER BY x.n
+                     RETURNING id",
+                )
+                .bind::<Timestamptz, _>(now)
+                .bind::<Array<BigInt>, _>(&f_ids)
+                .bind::<Array<Nullable<Double>>, _>(&f_prev)
+                .bind::<Array<Double>, _>(&f_score)
+                .bind::<Array<Nullable<Text>>, _>(&f_prev_tier)
+                .bind::<Array<Text>, _>(&f_tier)
+                .bind::<Array<Jsonb>, _>(&f_drivers)
+                .load(conn)
+                .await?;
+                feed_ids = rows.into_iter().map(|r| r.id).collect();
+            }
+            Ok(Written {
+                changed: changed.iter().map(|&i| ids[i]).collect(),
+                feed_ids,
+                history_rows: history.len(),
+        })
+    })
+    .await
+}
