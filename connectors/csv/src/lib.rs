@@ -114,9 +114,20 @@ impl Connector for CsvConnector {
         }
         for (kind, name, path) in files {
             ctx.check_cancelled()?;
+            let (size, modified) = fingerprint(&path)?;
+            // Same size and modification time as when it was ingested: no need to read it.
+            if let Some(done) = cursor.done.get(&name) {
+                if done.size == size && done.modified == modified {
+                    continue;
+                }
+            }
             let hash = sha256_file(&path)?;
-            if cursor.done.get(&name) == Some(&hash) {
-                continue;
+            if let Some(done) = cursor.done.get_mut(&name) {
+                if done.sha256 == hash {
+                    // Touched but unchanged: remember the new time (saved with the next batch).
+                    (done.size, done.modified) = (size, modified);
+                    continue;
+                }
             }
             let resume = cursor
                 .partial
@@ -127,7 +138,11 @@ impl Connector for CsvConnector {
                 cursor: &mut cursor,
                 kind,
                 name,
-                hash,
+                done: DoneFile {
+                    sha256: hash,
+                    size,
+                    modified,
+                },
                 batch_size: self.batch_size,
             }
             .run(&path, resume)?;
@@ -174,12 +189,22 @@ impl CsvConnector {
 /// What the connector remembers between runs.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CursorState {
-    /// Completed files: name -> SHA-256 (hex) of the content that was ingested.
+    /// Completed files by name.
     #[serde(default)]
-    done: BTreeMap<String, String>,
+    done: BTreeMap<String, DoneFile>,
     /// The file being read when the last batch was saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     partial: Option<Partial>,
+}
+
+/// A file that was ingested completely.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DoneFile {
+    /// SHA-256 (hex) of the content that was ingested: a file with other content is read again.
+    sha256: String,
+    /// Size and modification time (ns since the epoch) then, to skip re-hashing unchanged files.
+    size: u64,
+    modified: u64,
 }
 
 /// A position inside a file: where the next unread record starts.
@@ -254,7 +279,7 @@ struct FileRun<'c, 'x> {
     cursor: &'c mut CursorState,
     kind: FileKind,
     name: String,
-    hash: String,
+    done: DoneFile,
     batch_size: usize,
 }
 
@@ -265,9 +290,10 @@ impl FileRun<'_, '_> {
             cursor,
             kind,
             name,
-            hash,
+            done,
             batch_size,
         } = self;
+        let hash = done.sha256.clone();
         let file = File::open(path)
             .map_err(|e| ConnectorError::failed(format!("cannot open {name}: {e}")))?;
         let mut reader = csv::ReaderBuilder::new()
@@ -301,7 +327,7 @@ impl FileRun<'_, '_> {
                 Some(1),
                 format!("file skipped: missing required {plural} {list} in the header"),
             );
-            cursor.done.insert(name, hash);
+            cursor.done.insert(name, done);
             return ctx.emit(Vec::new(), Some(to_json(cursor)));
         }
 
@@ -369,13 +395,24 @@ impl FileRun<'_, '_> {
             );
         }
         cursor.partial = None;
-        cursor.done.insert(name, hash);
+        cursor.done.insert(name, done);
         ctx.emit(records, Some(to_json(cursor)))
     }
 }
 
 fn to_json(cursor: &CursorState) -> String {
     serde_json::to_string(cursor).expect("cursor serializes")
+}
+
+fn fingerprint(path: &Path) -> Result<(u64, u64), ConnectorError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConnectorError::failed(format!("cannot read {}: {e}", path.display())))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    Ok((meta.len(), modified))
 }
 
 fn sha256_file(path: &Path) -> Result<String, ConnectorError> {
@@ -736,6 +773,13 @@ mod tests {
         let third = run(d, host.cursor.as_deref(), 5000);
         assert_eq!(third.records().len(), 1);
         assert!(matches!(third.records()[0], Record::Churn(_)));
+
+        // Rewritten with the same content: not ingested again.
+        let accounts = std::fs::read(d.join("accounts.csv")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(d.join("accounts.csv"), accounts).unwrap();
+        let fourth = run(d, third.cursor.as_deref(), 5000);
+        assert!(fourth.records().is_empty() && fourth.rejections().is_empty());
     }
 
     #[test]

@@ -1200,3 +1200,27 @@ mod tests {
         assert_eq!(keys, ["acct-0004", "acct-0005"]);
     }
 }
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+    use healthd_plugin_api::testing::MemoryHost;
+
+    /// Generation speed. `cargo test --release -p healthd-connector-synthetic -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn generation_throughput() {
+        let now = DateTime::parse_from_rfc3339("2026-11-26T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let start = std::time::Instant::now();
+        let mut host = MemoryHost::at(now);
+        host.run::<SyntheticConnector>(json!({}), None).unwrap();
+        let n = host.records().len();
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{n} records in {secs:.2} s: {:.0} records/s",
+            n as f64 / secs
+        );
+    }
+}
