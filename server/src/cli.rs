@@ -178,6 +178,8 @@ pub async fn shutdown_signal() {
 
 /// Starts everything `serve` runs and returns the state; used by `serve` and `demo`.
 pub async fn start_app(config: Config, db: &Database) -> anyhow::Result<AppState> {
+    // Install the metrics recorder before anything records.
+    crate::telemetry::metrics_handle();
     db.migrate().await?;
     let pool = crate::db::connect(&db.url, config.pool_size)
         .await
