@@ -720,3 +720,25 @@ async fn synthetic_backfills_then_appends_and_config_entries_sync() {
         .unwrap();
     assert_eq!(report.disabled, vec!["demo".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_ingest_benchmark_runs() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = healthd::bench::ingest::run_ingest_bench(db.url(), registry(), 20_000, dir.path())
+        .await
+        .unwrap();
+    println!("{report}");
+    assert_eq!(report.ingested, 20_000);
+    assert!(report.rollup_rows > 0 && report.rollup_rows <= 20_000);
+    assert!(report.copy_rate() > 0.0 && report.plugin_rate() > 0.0);
+    // It cleans up after itself.
+    assert_eq!(
+        count(db.pool(), "SELECT count(*) AS n FROM usage_events").await,
+        0
+    );
+    assert_eq!(
+        count(db.pool(), "SELECT count(*) AS n FROM accounts").await,
+        0
+    );
+}

@@ -463,9 +463,16 @@ pub async fn rescore_accounts(pool: &DbPool, accounts: Vec<i64>) {
     if accounts.is_empty() {
         return;
     }
-    // HOOK: rescore affected accounts — `crate::scoring::rescore(pool,
-    // crate::scoring::RescoreScope::Accounts(accounts))` once the scoring entry point exists.
-    let _ = (pool, accounts);
+    let n = accounts.len();
+    match crate::scoring::rescore(pool, crate::scoring::RescoreScope::Accounts(accounts)).await {
+        Ok(s) => tracing::debug!(
+            accounts = n,
+            scored = s.accounts_scored,
+            changed = s.changed_account_ids.len(),
+            "rescored accounts after ingest"
+        ),
+        Err(e) => tracing::warn!(accounts = n, "rescoring after ingest failed: {e}"),
+    }
 }
 
 async fn heartbeat_loop(pool: DbPool, run_id: i64, every: Duration, done: CancellationToken) {
