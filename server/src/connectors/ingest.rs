@@ -560,8 +560,6 @@ async fn resolve_keys(
     let mut todo_domains = Vec::new();
     for (k, d) in batch.keys.iter().zip(&batch.domains) {
         match known.get(k) {
-            // A known key whose record brings a domain still goes through resolution so a
-            // (rare) first-time domain match is not skipped; it is found by the first lookup.
             Some(id) => {
                 map.insert(k.clone(), *id);
             }

@@ -20,7 +20,7 @@ pub mod scheduler;
 pub use instances::{ConnectorInstance, ConnectorPatch, ConnectorStatus, NewConnector};
 pub use runner::{sync_from_cli, ConnectorRuntime, RunSummary, RunTrigger};
 pub use schedule::Schedule;
-pub use scheduler::{run_scheduler, SchedulerOptions};
+pub use scheduler::{run_connector_jobs, run_scheduler, SchedulerOptions};
 
 use crate::db::DbError;
 use crate::plugins::PluginError;

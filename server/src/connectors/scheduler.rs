@@ -206,3 +206,24 @@ pub async fn run_scheduler(runtime: ConnectorRuntime, options: SchedulerOptions)
     tracing::info!(runs = running.len(), "connector scheduler stopping");
     while running.join_next().await.is_some() {}
 }
+
+/// The connector background job of a server process: applies the config file's `[[connector]]`
+/// entries, then runs the scheduler until `state.shutdown` is cancelled. Spawn it from the
+/// background jobs: `tokio::spawn(crate::connectors::run_connector_jobs(state.clone()))`.
+pub async fn run_connector_jobs(state: crate::app::AppState) {
+    match super::instances::sync_config(&state.pool, Some(&state.plugins), &state.config.connectors)
+        .await
+    {
+        Ok(report) => {
+            if !report.created.is_empty() || !report.updated.is_empty() {
+                tracing::info!(created = ?report.created, updated = ?report.updated, "connectors from the config file applied");
+            }
+        }
+        Err(e) => tracing::error!("applying the config file's connectors failed: {e}"),
+    }
+    run_scheduler(
+        ConnectorRuntime::from_state(&state),
+        SchedulerOptions::default(),
+    )
+    .await;
+}

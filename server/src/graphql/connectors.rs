@@ -146,6 +146,17 @@ impl From<RunRow> for ConnectorRun {
 
 #[ComplexObject]
 impl ConnectorRun {
+    /// Records saved per second, so far (running) or over the whole run.
+    async fn records_per_second(&self) -> f64 {
+        let end = self.finished_at.unwrap_or_else(Utc::now);
+        let secs = (end - self.started_at).num_milliseconds() as f64 / 1000.0;
+        if secs <= 0.0 {
+            0.0
+        } else {
+            self.records_ingested as f64 / secs
+        }
+    }
+
     /// Rejected records in the order reported (at most 10,000 are kept per run).
     async fn rejections(
         &self,
