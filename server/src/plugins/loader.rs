@@ -388,7 +388,9 @@ impl LoadedPlugin {
         match status {
             STATUS_OK => Ok(state.outcome),
             STATUS_CANCELLED => Err(PluginError::Cancelled { plugin }),
-            _ if cancel.is_cancelled() && message.is_empty() => {
+            // However the connector words it, a run that failed (without panicking) after it was
+            // cancelled was cancelled.
+            _ if status != abi::STATUS_PANICKED && cancel.is_cancelled() => {
                 Err(PluginError::Cancelled { plugin })
             }
             _ => Err(PluginError::Sync {
