@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::DbPool;
@@ -18,6 +19,8 @@ pub struct AppState {
     pub plugins: Arc<PluginRegistry>,
     /// Cancelled on SIGINT/SIGTERM: long-running tasks stop taking work.
     pub shutdown: CancellationToken,
+    /// Background jobs of this process, awaited (bounded) at shutdown.
+    pub tasks: TaskTracker,
 }
 
 impl AppState {
@@ -40,6 +43,7 @@ impl AppState {
             config: Arc::new(config),
             plugins: Arc::new(plugins),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         }
     }
 }

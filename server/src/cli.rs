@@ -41,6 +41,81 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Run a ready-to-explore instance: private PostgreSQL, live synthetic data, scores, server.
+    Demo {
+        /// Address to listen on (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Connector plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// Run one connector instance once, now, with live progress.
+    Sync {
+        /// Instance name (from the config file or created over GraphQL).
+        name: String,
+        /// No progress bar, only the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Recompute every account's score now.
+    Score,
+    /// Fit weights against churn outcomes; stores the proposal as an inactive model version.
+    Calibrate {
+        /// Signals are computed this many days before each churn (or matching) date.
+        #[arg(long, default_value_t = 30)]
+        lookback_days: i64,
+    },
+    /// Benchmarks (not part of the test suite; small runs of each are).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Print a library's manifest as JSON, or say why it is refused.
+    Inspect { path: PathBuf },
+    /// List the plugins found in the plugin directories.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// CSV drop through the real csv plugin vs PostgreSQL COPY of the same rows.
+    Ingest {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Where the drop folder is written (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Full rescore vs one bare SQL aggregate pass over the same rows.
+    Scoring {
+        #[arg(long, default_value_t = 100_000)]
+        accounts: usize,
+        #[arg(long, default_value_t = 10_000_000)]
+        events: usize,
+    },
+    /// Commit-to-message latency of `scoreChanged` subscriptions on a running healthd.
+    Subscriptions {
+        /// Base URL of the running server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A viewer (or higher) token for that server.
+        #[arg(long, env = "HEALTHD_TOKEN")]
+        token: String,
+        #[arg(long, default_value_t = 5000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Pause between committed changes, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +199,178 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = listen;
             }
             serve(config).await
+        }
+        Command::Demo { listen } => {
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            crate::demo::demo(config).await
+        }
+        Command::Plugin {
+            command: PluginCommand::Inspect { path },
+        } => {
+            let manifest = crate::plugins::loader::inspect(&path)
+                .map_err(|e| anyhow::anyhow!("{}: refused: {e}", path.display()))?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::List,
+        } => {
+            let dirs = crate::plugins::discovery::plugin_dirs(&config.plugin_dirs);
+            let registry = crate::plugins::PluginRegistry::discover(&dirs);
+            for dir in &dirs {
+                println!("searched {}", dir.display());
+            }
+            for info in registry.list() {
+                println!("{}", serde_json::to_string(&info)?);
+            }
+            for (path, reason) in registry.refused() {
+                println!("refused {}: {reason}", path.display());
+            }
+            Ok(())
+        }
+        Command::Sync { name, quiet } => {
+            with_app(config, |state| async move {
+                let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let summary = crate::connectors::runner::sync_from_cli(&state, &name, progress).await?;
+                println!("{}", summary.render());
+                if !summary.succeeded {
+                    anyhow::bail!("sync of `{name}` failed");
+                }
+                Ok(())
+            })
+            .await
+        }
+        Command::Score => {
+            with_app(config, |state| async move {
+                let summary = crate::scoring::recompute_now(&state.pool).await?;
+                println!(
+                    "scored {} accounts ({} changed, {} without data) with model version {}",
+                    summary.accounts_scored,
+                    summary.changed_account_ids.len(),
+                    summary.accounts_without_data,
+                    summary.model_version
+                );
+                Ok(())
+            })
+            .await
+        }
+        Command::Calibrate { lookback_days } => {
+            with_app(config, |state| async move {
+                let report = crate::scoring::calibration::calibrate(&state.pool, lookback_days).await?;
+                print_calibration(&report);
+                Ok(())
+            })
+            .await
+        }
+        Command::Bench { command } => run_bench(config, command).await,
+    }
+}
+
+/// Opens the database, runs `f` with an app state (no server, no background jobs), closes it.
+async fn with_app<F, Fut>(config: Config, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(AppState) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let db = Database::open(&config).await?;
+    let result = async {
+        let state = start_app(config, &db).await?;
+        f(state).await
+    }
+    .await;
+    db.close().await;
+    result
+}
+
+fn print_calibration(report: &crate::scoring::calibration::CalibrationReport) {
+    println!(
+        "calibration against churn, signals as of {} days before each outcome",
+        report.lookback_days
+    );
+    println!(
+        "sample: {} churned, {} retained accounts; train {} ({} churned), held-out {} ({} churned)",
+        report.churned_accounts,
+        report.retained_accounts,
+        report.train_size,
+        report.train_churned,
+        report.test_size,
+        report.test_churned
+    );
+    println!("{:<24} {:>12} {:>10} {:>10} {:>9}", "signal", "coefficient", "proposed", "active", "coverage");
+    for s in &report.signals {
+        println!(
+            "{:<24} {:>12.4} {:>10.3} {:>10.3} {:>8.0}%",
+            s.key,
+            s.coefficient,
+            s.proposed_weight,
+            s.active_weight,
+            s.coverage * 100.0
+        );
+    }
+    println!(
+        "held-out AUC: proposed {:.3}, active model v{} {:.3}, equal weights {:.3}",
+        report.auc_proposed, report.active_version, report.auc_active, report.auc_equal
+    );
+    if !report.notes.is_empty() {
+        println!("{}", report.notes);
+    }
+    println!(
+        "stored as inactive model version {}; activate it with the activateScoringModel mutation",
+        report.proposed_version
+    );
+}
+
+async fn run_bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Ingest { rows, dir } => {
+            with_app(config, |state| async move {
+                let tmp = tempfile::tempdir()?;
+                let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+                let report = crate::bench::ingest::run_ingest_bench(
+                    &state.database_url,
+                    state.plugins.clone(),
+                    rows,
+                    &dir,
+                )
+                .await?;
+                println!("{report}");
+                Ok(())
+            })
+            .await
+        }
+        BenchCommand::Scoring { accounts, events } => {
+            with_app(config, |state| async move {
+                let report =
+                    crate::bench::scoring::run_scoring_bench(&state.pool, accounts, events).await?;
+                println!("{report}");
+                Ok(())
+            })
+            .await
+        }
+        BenchCommand::Subscriptions {
+            url,
+            token,
+            subscribers,
+            changes,
+            interval_ms,
+        } => {
+            let db = Database::open(&config).await?;
+            let options = crate::bench::subscriptions::SubscriptionBenchOptions {
+                url,
+                token,
+                database_url: db.url.clone(),
+                subscribers,
+                changes,
+                interval: std::time::Duration::from_millis(interval_ms),
+                server_pid: None,
+                timeout: std::time::Duration::from_secs(120),
+            };
+            let result = crate::bench::subscriptions::run_subscription_bench(&options).await;
+            db.close().await;
+            println!("{}", result?);
+            Ok(())
         }
     }
 }

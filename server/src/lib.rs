@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod connectors;
 pub mod db;
+pub mod demo;
 pub mod feed;
 pub mod graphql;
 pub mod http;
