@@ -58,11 +58,15 @@ fn newest_source(paths: &[PathBuf]) -> SystemTime {
     newest
 }
 
-/// Whether every library exists and is newer than the sources it is built from (then there is
-/// no need to run cargo, which may wait for a build lock held by another cargo).
+/// Whether every library exists and is newer than the sources of the crates it is built from
+/// (`src/` and `Cargo.toml`, plus plugin-api's): then there is no need to run cargo, which may
+/// wait for a build lock held by another cargo.
 fn up_to_date(libs: &[PathBuf], crates: &[PathBuf]) -> bool {
-    let mut sources = vec![workspace_dir().join("plugin-api")];
-    sources.extend(crates.iter().cloned());
+    let mut sources = Vec::new();
+    for dir in crates.iter().chain([&workspace_dir().join("plugin-api")]) {
+        sources.push(dir.join("src"));
+        sources.push(dir.join("Cargo.toml"));
+    }
     let newest = newest_source(&sources);
     libs.iter().all(|l| {
         std::fs::metadata(l)
@@ -122,7 +126,15 @@ fn fixtures_dir() -> &'static Path {
             .iter()
             .map(|n| out.join(lib_name(&format!("fixture_{n}"))))
             .collect();
-        if up_to_date(&libs, &[workspace_dir().join("tests/fixtures/bad-plugins")]) {
+        let crates: Vec<PathBuf> = names
+            .iter()
+            .map(|n| {
+                workspace_dir()
+                    .join("tests/fixtures/bad-plugins")
+                    .join(n.replace('_', "-"))
+            })
+            .collect();
+        if up_to_date(&libs, &crates) {
             return out;
         }
         cargo(
