@@ -210,7 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: PluginCommand::Inspect { path },
         } => {
             let manifest = crate::plugins::loader::inspect(&path)
-                .map_err(|e| anyhow::anyhow!("{}: refused: {e}", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("refused: {e}"))?;
             println!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
         }
