@@ -457,6 +457,11 @@ pub async fn count(pool: &DbPool, filter: &Filter, today: NaiveDate) -> Result<i
     let cond = conditions(filter, &mut params, today);
     let mut conds = cond.on_accounts;
     let from = match cond.on_health {
+        // Every `health_current` row has its account (foreign key): no join needed.
+        Some(h) if conds.is_empty() => {
+            conds.push(h);
+            "health_current hc"
+        }
         Some(h) => {
             conds.push(h);
             FROM_ACCOUNTS_SCORED
