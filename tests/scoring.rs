@@ -744,16 +744,14 @@ async fn calibration_finds_the_signals_that_drive_churn() {
     let asof = as_of.to_rfc3339();
     exec(
         &mut conn,
-        &format!(
-            "CREATE TEMP TABLE traits AS
-             SELECT id,
-                    (hashint8(id * 7) & 1023) % 3 = 0 AS declining,
-                    (hashint8(id * 13) & 1023) % 4 = 0 AS urgent,
-                    1 + (hashint8(id * 17) & 1023) % 9 AS users,
-                    (hashint8(id * 19) & 1023) % 2 = 0 AS two_features,
-                    (hashint8(id * 23) & 1023) % 100 AS dice
-             FROM accounts"
-        ),
+        "CREATE TEMP TABLE traits AS
+         SELECT id,
+                (hashint8(id * 7) & 1023) % 3 = 0 AS declining,
+                (hashint8(id * 13) & 1023) % 4 = 0 AS urgent,
+                1 + (hashint8(id * 17) & 1023) % 9 AS users,
+                (hashint8(id * 19) & 1023) % 2 = 0 AS two_features,
+                (hashint8(id * 23) & 1023) % 100 AS dice
+         FROM accounts",
     )
     .await;
     // Previous 30 days: steady; last 30 days: down 80% for decliners.
@@ -884,4 +882,151 @@ async fn small_benchmark_run_keeps_working() {
     assert!(report.usage_events >= 40_000, "{report:?}");
     assert!(report.ratio.is_finite() && report.ratio > 0.0);
     assert!(report.peak_rss_kib.is_some());
+}
+
+/// The full benchmark (not part of the suite): `HEALTHD_BENCH_ACCOUNTS` (default 100000) and
+/// `HEALTHD_BENCH_EVENTS` (default 10000000), against `HEALTHD_BENCH_DATABASE_URL` when set (kept
+/// for inspection) or a throwaway test database. Run with
+/// `cargo test --release -p healthd --test scoring full_benchmark -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; run explicitly with --ignored"]
+async fn full_benchmark() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let accounts = env("HEALTHD_BENCH_ACCOUNTS", 100_000);
+    let events = env("HEALTHD_BENCH_EVENTS", 10_000_000);
+    let (_db, pool) = match std::env::var("HEALTHD_BENCH_DATABASE_URL") {
+        Ok(url) => (None, healthd::db::connect(&url, 8).await.unwrap()),
+        Err(_) => {
+            let db = TestDb::new().await;
+            let pool = db.pool().clone();
+            (Some(db), pool)
+        }
+    };
+    let report = healthd::bench::scoring::run_scoring_bench(&pool, accounts, events)
+        .await
+        .unwrap();
+    println!("{report}");
+}
+
+async fn gql(
+    schema: &healthd::graphql::HealthdSchema,
+    role: healthd::auth::Role,
+    query: &str,
+) -> async_graphql::Response {
+    let viewer = healthd::auth::Viewer {
+        token_id: 1,
+        name: format!("{}-token", role.as_str()),
+        role,
+    };
+    schema
+        .execute(async_graphql::Request::new(query).data(viewer))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graphql_models_recompute_and_calibration_errors() {
+    use healthd::auth::Role;
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let now = t0();
+    fixture(pool, now).await;
+    let state = healthd::app::AppState::with_plugins(
+        pool.clone(),
+        db.url(),
+        healthd::config::Config::default(),
+        Default::default(),
+    );
+    let schema = healthd::graphql::build_schema(Some(state));
+
+    let r = gql(&schema, Role::Viewer, "{ scoringModel { version active isDefault weights { key weight } tiers { healthy atRisk } } }").await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let v = r.data.into_json().unwrap();
+    assert_eq!(v["scoringModel"]["version"], 1);
+    assert_eq!(v["scoringModel"]["tiers"]["healthy"], 70.0);
+    let weights = v["scoringModel"]["weights"].as_array().unwrap();
+    let w = |k: &str| {
+        weights.iter().find(|w| w["key"] == k).unwrap()["weight"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        w("login_recency") > w("breadth")
+            && w("usage_trend") > w("breadth")
+            && w("billing") > w("breadth")
+    );
+
+    // Viewers read; only admins change models or recompute.
+    let r = gql(
+        &schema,
+        Role::Viewer,
+        "mutation { recomputeScores { accountsScored } }",
+    )
+    .await;
+    assert!(r.errors[0].message.contains("admin"), "{:?}", r.errors);
+    let r = gql(
+        &schema,
+        Role::Admin,
+        "mutation { recomputeScores { accountsScored changedAccounts modelVersion } }",
+    )
+    .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        r.data.into_json().unwrap()["recomputeScores"]["accountsScored"],
+        8
+    );
+
+    let r = gql(
+        &schema,
+        Role::Admin,
+        r#"mutation { updateScoringModel(input: { weights: [{ key: "billing", weight: 35 }], notes: "billing matters more" }) { version active weights { key weight } } }"#,
+    )
+    .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let v = r.data.into_json().unwrap();
+    assert_eq!(v["updateScoringModel"]["version"], 2);
+    assert_eq!(v["updateScoringModel"]["active"], false);
+    let r = gql(
+        &schema,
+        Role::Admin,
+        "mutation { activateScoringModel(version: 2) { version active } }",
+    )
+    .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let r = gql(
+        &schema,
+        Role::Viewer,
+        "{ scoringModels { version active } scoringModel { version } }",
+    )
+    .await;
+    let v = r.data.into_json().unwrap();
+    assert_eq!(v["scoringModel"]["version"], 2);
+    assert_eq!(v["scoringModels"].as_array().unwrap().len(), 2);
+
+    let r = gql(
+        &schema,
+        Role::Admin,
+        r#"mutation { updateScoringModel(input: { weights: [{ key: "nonsense", weight: 5 }] }) { version } }"#,
+    )
+    .await;
+    assert!(
+        r.errors[0].message.contains("unknown signal"),
+        "{:?}",
+        r.errors
+    );
+    let r = gql(
+        &schema,
+        Role::Admin,
+        "mutation { calibrateScoringModel { aucProposed } }",
+    )
+    .await;
+    assert!(
+        r.errors[0].message.contains("no churn outcomes"),
+        "{:?}",
+        r.errors
+    );
 }

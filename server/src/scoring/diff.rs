@@ -62,6 +62,10 @@ pub struct SignalDelta {
     pub explanation_to: Option<String>,
 }
 
+/// The `from` inputs re-scored: (score under the `from` model, under the `to` model, per-signal
+/// contributions under each).
+type Recomputed = (f64, f64, BTreeMap<String, (f64, f64)>);
+
 #[derive(QueryableByName)]
 struct Row {
     #[diesel(sql_type = Timestamptz)]
@@ -165,7 +169,7 @@ pub async fn health_change(
     let model_changed = from_row.model_version != to_row.model_version;
 
     // Per-signal contributions under each model for the `from` inputs (only when the model changed).
-    let mut recomputed: Option<(f64, f64, BTreeMap<String, (f64, f64)>)> = None;
+    let mut recomputed: Option<Recomputed> = None;
     if model_changed {
         let m_from = model::get_model(pool, Some(from_row.model_version)).await?;
         let m_to = model::get_model(pool, Some(to_row.model_version)).await?;
@@ -180,7 +184,7 @@ pub async fn health_change(
                 m_from.config.csat_window_days,
             )
             .await?;
-            if let Some(inp) = loaded.iter().next() {
+            if let Some(inp) = loaded.as_slice().first() {
                 let a = score_account(inp, from_row.computed_at, &m_from, &run.engine);
                 let b = score_account(inp, from_row.computed_at, &m_to, &run.engine);
                 if let (Some(a), Some(b)) = (a, b) {

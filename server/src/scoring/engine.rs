@@ -85,7 +85,9 @@ pub struct SignalScore {
     /// The weight the model configures, before sharing out missing signals' weight.
     #[serde(default)]
     pub configured_weight: f64,
-    #[serde(default)]
+    /// Raw numbers behind the explanation, for callers in this process; not stored (it would
+    /// double the size of every stored breakdown).
+    #[serde(default, skip_serializing)]
     pub details: serde_json::Value,
 }
 

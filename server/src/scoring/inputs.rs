@@ -80,40 +80,39 @@ struct InputRow {
     max_days_overdue: i64,
 }
 
-/// The one statement. `$1` account ids, `$2` each account's T, `$3`/`$4` the id range (lets the
-/// planner range-scan the `account_id`-first primary keys), `$5` the CSAT window in days.
-const INPUTS_SQL: &str = r#"
-WITH q AS (
-    SELECT account_id, t, (t AT TIME ZONE 'UTC')::date AS d
-    FROM unnest($1::bigint[], $2::timestamptz[]) AS x(account_id, t)
-),
+/// The statement template. `$1` account ids, `$2` each account's T (an array, [`AsOf::Each`]) or one T
+/// for all ([`AsOf::Same`]), `$3`/`$4` the id range (lets the planner range-scan the
+/// `account_id`-first primary keys in key order, so grouping needs no sort), `$5` the CSAT window
+/// in days. `{T}`/`{D}` stand for the moment and its UTC date.
+const INPUTS_TEMPLATE: &str = r#"
+WITH q AS ({Q}),
 u AS (
     SELECT ud.account_id,
            COALESCE(MAX(ud.day) FILTER (WHERE ud.event = 'login'), MAX(ud.day)) AS last_seen,
-           COUNT(DISTINCT ud.user_id) FILTER (WHERE ud.day > q.d - 30 AND ud.user_id <> '') AS users_30,
-           COUNT(DISTINCT ud.day) FILTER (WHERE ud.day > q.d - 30) AS days_30,
-           COALESCE(SUM(ud.events) FILTER (WHERE ud.day > q.d - 30), 0)::bigint AS events_30,
-           COALESCE(SUM(ud.events) FILTER (WHERE ud.day > q.d - 60 AND ud.day <= q.d - 30), 0)::bigint AS events_prev,
-           COALESCE(ARRAY_AGG(DISTINCT ud.feature) FILTER (WHERE ud.day > q.d - 30 AND ud.feature <> ''), '{}') AS features_30
-    FROM q JOIN usage_daily ud ON ud.account_id = q.account_id AND ud.day <= q.d
-    WHERE ud.account_id BETWEEN $3 AND $4
+           COUNT(DISTINCT ud.user_id) FILTER (WHERE ud.day > {D} - 30 AND ud.user_id <> '') AS users_30,
+           COUNT(DISTINCT ud.day) FILTER (WHERE ud.day > {D} - 30) AS days_30,
+           COALESCE(SUM(ud.events) FILTER (WHERE ud.day > {D} - 30), 0)::bigint AS events_30,
+           COALESCE(SUM(ud.events) FILTER (WHERE ud.day > {D} - 60 AND ud.day <= {D} - 30), 0)::bigint AS events_prev,
+           COALESCE(ARRAY_AGG(DISTINCT ud.feature) FILTER (WHERE ud.day > {D} - 30 AND ud.feature <> ''), '{}') AS features_30
+    FROM {FROM_usage_daily ud}
+    WHERE ud.account_id BETWEEN $3 AND $4 AND ud.day <= {D}
     GROUP BY ud.account_id
 ),
 t AS (
     SELECT st.account_id,
-           COUNT(*) FILTER (WHERE st.opened_at > q.t - interval '30 days') AS tickets_30,
-           COUNT(*) FILTER (WHERE st.priority = 'urgent' AND (st.closed_at > q.t OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS open_urgent,
-           COUNT(*) FILTER (WHERE st.priority = 'high' AND (st.closed_at > q.t OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS open_high,
-           MIN(st.opened_at) FILTER (WHERE st.priority IN ('urgent', 'high') AND (st.closed_at > q.t OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS oldest_urgent,
-           AVG(st.csat) FILTER (WHERE st.csat IS NOT NULL AND COALESCE(st.closed_at, st.opened_at) <= q.t AND COALESCE(st.closed_at, st.opened_at) > q.t - make_interval(days => $5))::float8 AS csat_avg,
-           COUNT(st.csat) FILTER (WHERE st.csat IS NOT NULL AND COALESCE(st.closed_at, st.opened_at) <= q.t AND COALESCE(st.closed_at, st.opened_at) > q.t - make_interval(days => $5)) AS csat_count
-    FROM q JOIN support_tickets st ON st.account_id = q.account_id AND st.opened_at <= q.t
-    WHERE st.account_id BETWEEN $3 AND $4
+           COUNT(*) FILTER (WHERE st.opened_at > {T} - interval '30 days') AS tickets_30,
+           COUNT(*) FILTER (WHERE st.priority = 'urgent' AND (st.closed_at > {T} OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS open_urgent,
+           COUNT(*) FILTER (WHERE st.priority = 'high' AND (st.closed_at > {T} OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS open_high,
+           MIN(st.opened_at) FILTER (WHERE st.priority IN ('urgent', 'high') AND (st.closed_at > {T} OR (st.closed_at IS NULL AND st.status IN ('new', 'open', 'pending')))) AS oldest_urgent,
+           AVG(st.csat) FILTER (WHERE st.csat IS NOT NULL AND COALESCE(st.closed_at, st.opened_at) <= {T} AND COALESCE(st.closed_at, st.opened_at) > {T} - make_interval(days => $5))::float8 AS csat_avg,
+           COUNT(st.csat) FILTER (WHERE st.csat IS NOT NULL AND COALESCE(st.closed_at, st.opened_at) <= {T} AND COALESCE(st.closed_at, st.opened_at) > {T} - make_interval(days => $5)) AS csat_count
+    FROM {FROM_support_tickets st}
+    WHERE st.account_id BETWEEN $3 AND $4 AND st.opened_at <= {T}
     GROUP BY st.account_id
 ),
 s AS (
     SELECT DISTINCT ON (sb.account_id) sb.account_id, sb.status, sb.cancel_at_period_end, sb.current_period_end
-    FROM q JOIN subscriptions sb ON sb.account_id = q.account_id
+    FROM {FROM_subscriptions sb}
     WHERE sb.account_id BETWEEN $3 AND $4
     ORDER BY sb.account_id,
              CASE sb.status WHEN 'active' THEN 0 WHEN 'trialing' THEN 1 WHEN 'past_due' THEN 2 WHEN 'unpaid' THEN 3 ELSE 4 END,
@@ -126,10 +125,10 @@ i AS (
            COALESCE(ROUND(SUM(x.amount) FILTER (WHERE x.overdue) * 100), 0)::bigint AS overdue_cents,
            COALESCE(MAX(x.days) FILTER (WHERE x.overdue), 0)::bigint AS max_days_overdue
     FROM (
-        SELECT iv.account_id, iv.amount, q.d - iv.due_date AS days,
-               (iv.status NOT IN ('draft', 'void') AND iv.due_date < q.d
-                AND CASE WHEN iv.paid_at IS NOT NULL THEN iv.paid_at > q.t ELSE iv.status <> 'paid' END) AS overdue
-        FROM q JOIN invoices iv ON iv.account_id = q.account_id
+        SELECT iv.account_id, iv.amount, {D} - iv.due_date AS days,
+               (iv.status NOT IN ('draft', 'void') AND iv.due_date < {D}
+                AND CASE WHEN iv.paid_at IS NOT NULL THEN iv.paid_at > {T} ELSE iv.status <> 'paid' END) AS overdue
+        FROM {FROM_invoices iv}
         WHERE iv.account_id BETWEEN $3 AND $4
     ) x
     GROUP BY x.account_id
@@ -154,6 +153,55 @@ LEFT JOIN i ON i.account_id = q.account_id
 ORDER BY a.id
 "#;
 
+/// Whether every account is scored as of the same moment (rescoring) or each at its own
+/// (backtests, calibration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AsOf {
+    Same,
+    Each,
+}
+
+fn inputs_sql(mode: AsOf) -> String {
+    let mut sql = INPUTS_TEMPLATE.to_string();
+    let tables = [
+        ("usage_daily", "ud"),
+        ("support_tickets", "st"),
+        ("subscriptions", "sb"),
+        ("invoices", "iv"),
+    ];
+    match mode {
+        AsOf::Same => {
+            sql = sql.replace(
+                "{Q}",
+                "SELECT account_id, $2::timestamptz AS t, ($2::timestamptz AT TIME ZONE 'UTC')::date AS d \
+                 FROM unnest($1::bigint[]) AS x(account_id)",
+            );
+            for (table, alias) in tables {
+                sql = sql.replace(
+                    &format!("{{FROM_{table} {alias}}}"),
+                    &format!("{table} {alias}"),
+                );
+            }
+            sql.replace("{T}", "$2::timestamptz")
+                .replace("{D}", "($2::timestamptz AT TIME ZONE 'UTC')::date")
+        }
+        AsOf::Each => {
+            sql = sql.replace(
+                "{Q}",
+                "SELECT account_id, t, (t AT TIME ZONE 'UTC')::date AS d \
+                 FROM unnest($1::bigint[], $2::timestamptz[]) AS x(account_id, t)",
+            );
+            for (table, alias) in tables {
+                sql = sql.replace(
+                    &format!("{{FROM_{table} {alias}}}"),
+                    &format!("q JOIN {table} {alias} ON {alias}.account_id = q.account_id"),
+                );
+            }
+            sql.replace("{T}", "q.t").replace("{D}", "q.d")
+        }
+    }
+}
+
 /// Loads the inputs of `ids` (each as of the matching entry of `ts`). Accounts that do not exist are
 /// skipped. `support_synced`: whether any connector has ever delivered support data (see the rule).
 pub async fn load_inputs(
@@ -164,18 +212,91 @@ pub async fn load_inputs(
     csat_window_days: i64,
 ) -> Result<Vec<AccountInputs>, ScoringError> {
     debug_assert_eq!(ids.len(), ts.len());
+    load(
+        conn,
+        ids,
+        Moments::Each(ts),
+        support_synced,
+        csat_window_days,
+    )
+    .await
+}
+
+/// [`load_inputs`] with every account as of the same moment `at` (the rescore path; a simpler plan).
+pub async fn load_inputs_at(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    at: DateTime<Utc>,
+    support_synced: bool,
+    csat_window_days: i64,
+) -> Result<Vec<AccountInputs>, ScoringError> {
+    load(
+        conn,
+        ids,
+        Moments::Same(at),
+        support_synced,
+        csat_window_days,
+    )
+    .await
+}
+
+#[derive(Clone, Copy)]
+enum Moments<'a> {
+    Same(DateTime<Utc>),
+    Each(&'a [DateTime<Utc>]),
+}
+
+async fn load(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    moments: Moments<'_>,
+    support_synced: bool,
+    csat_window_days: i64,
+) -> Result<Vec<AccountInputs>, ScoringError> {
+    use diesel_async::AsyncConnection;
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let lo = *ids.iter().min().unwrap_or(&0);
-    let hi = *ids.iter().max().unwrap_or(&0);
-    let rows: Vec<InputRow> = diesel::sql_query(INPUTS_SQL)
-        .bind::<Array<BigInt>, _>(ids)
-        .bind::<Array<Timestamptz>, _>(ts)
-        .bind::<BigInt, _>(lo)
-        .bind::<BigInt, _>(hi)
-        .bind::<Integer, _>(csat_window_days.clamp(1, 3650) as i32)
-        .load(conn)
+    let lo = ids.iter().copied().min().unwrap_or(0);
+    let hi = ids.iter().copied().max().unwrap_or(0);
+    let window = csat_window_days.clamp(1, 3650) as i32;
+    let sql = inputs_sql(match moments {
+        Moments::Same(_) => AsOf::Same,
+        Moments::Each(_) => AsOf::Each,
+    });
+    // One transaction so the settings stay local: enough `work_mem` that per-batch sorts stay in
+    // memory, and no JIT (its compile time costs more than it saves on these statements).
+    let rows: Vec<InputRow> = conn
+        .transaction::<_, diesel::result::Error, _>(async |conn| {
+            diesel::sql_query("SET LOCAL work_mem = '64MB'")
+                .execute(conn)
+                .await?;
+            diesel::sql_query("SET LOCAL jit = off")
+                .execute(conn)
+                .await?;
+            match moments {
+                Moments::Same(at) => {
+                    diesel::sql_query(sql)
+                        .bind::<Array<BigInt>, _>(ids)
+                        .bind::<Timestamptz, _>(at)
+                        .bind::<BigInt, _>(lo)
+                        .bind::<BigInt, _>(hi)
+                        .bind::<Integer, _>(window)
+                        .load(conn)
+                        .await
+                }
+                Moments::Each(ts) => {
+                    diesel::sql_query(sql)
+                        .bind::<Array<BigInt>, _>(ids)
+                        .bind::<Array<Timestamptz>, _>(ts)
+                        .bind::<BigInt, _>(lo)
+                        .bind::<BigInt, _>(hi)
+                        .bind::<Integer, _>(window)
+                        .load(conn)
+                        .await
+                }
+            }
+        })
         .await?;
     Ok(rows
         .into_iter()
@@ -185,7 +306,7 @@ pub async fn load_inputs(
 
 impl InputRow {
     fn into_inputs(self, support_synced: bool) -> AccountInputs {
-        let usage = self.has_usage.then(|| UsageFacts {
+        let usage = self.has_usage.then_some(UsageFacts {
             last_seen_day: self.last_seen,
             active_users_30d: self.users_30,
             active_days_30d: self.days_30,
@@ -193,7 +314,7 @@ impl InputRow {
             events_prev_30d: self.events_prev,
             features_30d: self.features_30,
         });
-        let support = (self.has_tickets || support_synced).then(|| SupportFacts {
+        let support = (self.has_tickets || support_synced).then_some(SupportFacts {
             tickets_30d: self.tickets_30,
             open_urgent: self.open_urgent,
             open_high: self.open_high,
@@ -201,7 +322,7 @@ impl InputRow {
             csat_avg: self.csat_avg,
             csat_count: self.csat_count,
         });
-        let billing = (self.sub_status.is_some() || self.invoices > 0).then(|| BillingFacts {
+        let billing = (self.sub_status.is_some() || self.invoices > 0).then_some(BillingFacts {
             subscription_status: self.sub_status,
             cancel_at_period_end: self.cancel_at_period_end,
             current_period_end: self.current_period_end,
@@ -350,4 +471,59 @@ pub async fn key_features(
     .execute(conn)
     .await?;
     Ok(features)
+}
+
+/// The benchmark's reference: the same per-account aggregates a rescore loads, computed for every
+/// account in one statement whose rows stay in the database. No batching, scoring or writing: the
+/// least any scorer reading these inputs must do. Returns the number of accounts aggregated.
+pub async fn aggregate_pass(
+    conn: &mut AsyncPgConnection,
+    at: DateTime<Utc>,
+) -> Result<i64, ScoringError> {
+    use diesel_async::AsyncConnection;
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    // Every aggregate is consumed, so the planner cannot drop any of the joined aggregates.
+    let sql = format!(
+        "SELECT COUNT(*) FILTER (WHERE x.last_seen IS NOT NULL OR x.users_30 + x.days_30 + x.events_30 + x.events_prev
+                                     + cardinality(x.features_30) + x.tickets_30 + x.open_urgent + x.open_high
+                                     + x.csat_count + x.invoices + x.overdue_cents + x.max_days_overdue >= 0
+                                     OR x.sub_status IS NOT NULL OR x.oldest_urgent IS NOT NULL OR x.csat_avg IS NOT NULL
+                                     OR x.current_period_end IS NOT NULL OR x.cancel_at_period_end) AS n
+         FROM ({}) x",
+        inputs_sql(AsOf::Same).replace("ORDER BY a.id", "")
+    );
+    let n: N = conn
+        .transaction::<_, diesel::result::Error, _>(async |conn| {
+            diesel::sql_query("SET LOCAL work_mem = '64MB'")
+                .execute(conn)
+                .await?;
+            diesel::sql_query("SET LOCAL jit = off")
+                .execute(conn)
+                .await?;
+            let ids: Vec<i64> = diesel::sql_query("SELECT id FROM accounts")
+                .load::<Id>(conn)
+                .await?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            diesel::sql_query(sql)
+                .bind::<Array<BigInt>, _>(ids)
+                .bind::<Timestamptz, _>(at)
+                .bind::<BigInt, _>(i64::MIN)
+                .bind::<BigInt, _>(i64::MAX)
+                .bind::<Integer, _>(90)
+                .get_result(conn)
+                .await
+        })
+        .await?;
+    Ok(n.n)
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
@@ -49,11 +49,25 @@ pub struct RescoreSummary {
     pub computed_at: DateTime<Utc>,
     pub full: bool,
     pub elapsed_ms: u64,
+    /// Time spent loading inputs, scoring in Rust, and writing, in milliseconds.
+    pub load_ms: u64,
+    pub score_ms: u64,
+    pub write_ms: u64,
 }
 
 /// Rescores `scope` as of now. The entry point for connector runs and the daily job.
 pub async fn rescore(pool: &DbPool, scope: RescoreScope) -> Result<RescoreSummary, ScoringError> {
-    rescore_at(pool, scope, Utc::now()).await
+    let alert_scope = match &scope {
+        RescoreScope::All => crate::alerts::AlertScope::All,
+        RescoreScope::Accounts(ids) => crate::alerts::AlertScope::Accounts(ids.clone()),
+    };
+    let summary = rescore_at(pool, scope, Utc::now()).await?;
+    // Alerts follow the scores they are about, in their own transaction. A failure leaves the
+    // scores in place; the periodic evaluation (alerts::run_periodic_evaluation) catches up.
+    if let Err(e) = crate::alerts::evaluate(pool, &alert_scope).await {
+        tracing::warn!(error = %e, "alert evaluation after rescoring failed");
+    }
+    Ok(summary)
 }
 
 /// `healthd score`: every account, now.
@@ -149,40 +163,65 @@ pub async fn rescore_at(
     };
     let mut last_id = i64::MIN;
     let mut chunk_index = 0usize;
+    // Pipelined: while batch k is written on `wconn`, batch k+1 is loaded on `conn`.
+    let mut wconn = pool.get().await?;
+    let mut pending: Option<Vec<Score>> = None;
     loop {
-        let ids: Vec<i64> = match &explicit {
+        let ids: Option<Vec<i64>> = match &explicit {
             Some(all) => {
                 let start = chunk_index * BATCH_SIZE;
-                if start >= all.len() {
-                    break;
-                }
                 chunk_index += 1;
-                all[start..(start + BATCH_SIZE).min(all.len())].to_vec()
+                (start < all.len())
+                    .then(|| all[start..(start + BATCH_SIZE).min(all.len())].to_vec())
             }
             None => {
                 let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
-                match ids.last() {
-                    Some(l) => last_id = *l,
-                    None => break,
+                if let Some(l) = ids.last() {
+                    last_id = *l;
                 }
-                ids
+                (!ids.is_empty()).then_some(ids)
             }
         };
-        let ts = vec![now; ids.len()];
-        let inputs =
-            inputs::load_inputs(&mut conn, &ids, &ts, run.support_synced, csat_window).await?;
+        let load = async {
+            let Some(ids) = &ids else {
+                return Ok::<_, ScoringError>(None);
+            };
+            let phase = Instant::now();
+            let inputs =
+                inputs::load_inputs_at(&mut conn, ids, now, run.support_synced, csat_window)
+                    .await?;
+            Ok(Some((inputs, phase.elapsed().as_millis() as u64)))
+        };
+        let to_write = pending.take();
+        let write = async {
+            let Some(scores) = &to_write else {
+                return Ok::<_, ScoringError>(None);
+            };
+            let phase = Instant::now();
+            let written = write_batch(&mut wconn, scores, now).await?;
+            Ok(Some((written, phase.elapsed().as_millis() as u64)))
+        };
+        let (loaded, written) = tokio::join!(load, write);
+        if let Some((written, ms)) = written? {
+            summary.write_ms += ms;
+            summary.history_rows += written.history_rows;
+            summary.changed_account_ids.extend(written.changed);
+            if let Some(max) = written.feed_ids.iter().max().copied() {
+                notify_score_change(&mut wconn, max).await;
+            }
+            summary.feed_ids.extend(written.feed_ids);
+        }
+        let Some((inputs, ms)) = loaded? else { break };
+        summary.load_ms += ms;
+        let phase = Instant::now();
         let (scores, without) = score_batch(&run, &inputs, now);
+        summary.score_ms += phase.elapsed().as_millis() as u64;
         summary.accounts_without_data += without;
         summary.accounts_scored += scores.len();
         versions_used.extend(scores.iter().map(|s| s.model_version));
-        let written = write_batch(&mut conn, &scores, now).await?;
-        summary.history_rows += written.history_rows;
-        summary.changed_account_ids.extend(written.changed);
-        if let Some(max) = written.feed_ids.iter().max().copied() {
-            notify_score_change(&mut conn, max).await;
-        }
-        summary.feed_ids.extend(written.feed_ids);
+        pending = Some(scores);
     }
+    drop(wconn);
     summary.feed_ids.sort_unstable();
     summary.max_feed_id = summary.feed_ids.last().copied();
     summary.model_versions = versions_used.into_iter().collect();
@@ -210,7 +249,8 @@ pub async fn rescore_at(
         "rescore finished"
     );
 
-    // HOOK: alerts evaluate
+    // Alerts are evaluated in `rescore` (now), not here: backfills and benchmarks at a given time
+    // must not raise alerts.
 
     Ok(summary)
 }
@@ -261,22 +301,36 @@ struct Previous {
     score: f64,
     #[diesel(sql_type = Text)]
     tier: String,
+    #[diesel(sql_type = Bool)]
+    stale: bool,
+    #[diesel(sql_type = Integer)]
+    model_version: i32,
     #[diesel(sql_type = Nullable<Double>)]
     previous_score: Option<f64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    signals_digest: Option<i64>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     last_history: Option<DateTime<Utc>>,
 }
 
-/// Signals and drivers as stored JSON.
-fn signals_json(s: &Score) -> serde_json::Value {
-    serde_json::to_value(&s.signals).unwrap_or(serde_json::Value::Array(vec![]))
+/// FNV-1a: a stable 64-bit digest of the serialized signals (a collision only means one write is
+/// skipped until the next real change; the score and tier are compared separately).
+fn digest(text: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
 }
 
-fn drivers_json(s: &Score) -> serde_json::Value {
-    serde_json::to_value(s.drivers()).unwrap_or(serde_json::Value::Array(vec![]))
-}
-
-/// Writes one batch of scores in one transaction.
+/// Writes one batch of scores in one transaction:
+/// - accounts whose score, tier, staleness, model and signals are all unchanged only get their
+///   `computed_at` moved (no breakdown is resent or rewritten);
+/// - the others are upserted in full with one `UNNEST` statement;
+/// - history rows (on change, or when the last one is a day old) are copied from `health_current`
+///   inside the database;
+/// - feed rows for score or tier changes are appended in the same transaction.
 async fn write_batch(
     conn: &mut AsyncPgConnection,
     scores: &[Score],
@@ -285,147 +339,162 @@ async fn write_batch(
     if scores.is_empty() {
         return Ok(Written::default());
     }
+    let ids: Vec<i64> = scores.iter().map(|s| s.account_id).collect();
+    // Serialise outside the transaction: it is the main CPU cost on this side.
+    let texts: Vec<String> = scores
+        .iter()
+        .map(|s| serde_json::to_string(&s.signals).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let digests: Vec<i64> = texts.iter().map(|t| digest(t)).collect();
     conn.transaction::<Written, ScoringError, _>(async |conn| {
-            let ids: Vec<i64> = scores.iter().map(|s| s.account_id).collect();
-            // Lock the current rows: concurrent rescores of the same accounts serialise here.
-            let prev: Vec<Previous> = diesel::sql_query(
-                "SELECT h.account_id, h.score, h.tier, h.previous_score,
-                        (SELECT MAX(hs.computed_at) FROM health_scores hs WHERE hs.account_id = h.account_id) AS last_history
-                 FROM health_current h WHERE h.account_id = ANY($1) FOR UPDATE OF h",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .load(conn)
-            .await?;
-            let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
+        // Lock the current rows: concurrent rescores of the same accounts serialise here.
+        let prev: Vec<Previous> = diesel::sql_query(
+            "SELECT h.account_id, h.score, h.tier, h.stale, h.model_version, h.previous_score, h.signals_digest,
+                    (SELECT MAX(hs.computed_at) FROM health_scores hs WHERE hs.account_id = h.account_id) AS last_history
+             FROM health_current h WHERE h.account_id = ANY($1) FOR UPDATE OF h",
+        )
+        .bind::<Array<BigInt>, _>(&ids)
+        .load(conn)
+        .await?;
+        let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
 
-            let n = scores.len();
-            let mut c_score = Vec::with_capacity(n);
-            let mut c_tier = Vec::with_capacity(n);
-            let mut c_stale = Vec::with_capacity(n);
-            let mut c_version = Vec::with_capacity(n);
-            let mut c_signals = Vec::with_capacity(n);
-            let mut c_prev: Vec<Option<f64>> = Vec::with_capacity(n);
-            let mut c_change = Vec::with_capacity(n);
-            let mut history: Vec<usize> = Vec::new();
-            let mut changed: Vec<usize> = Vec::new();
-            for (i, s) in scores.iter().enumerate() {
-                let p = prev.get(&s.account_id);
-                let is_change = match p {
-                    None => true,
-                    Some(p) => (p.score - s.score).abs() > 1e-9 || p.tier != s.tier.as_str(),
-                };
-                let history_due = p.and_then(|p| p.last_history).is_none_or(|t| now - t >= Duration::hours(24));
-                if is_change {
-                    changed.push(i);
-                }
-                if is_change || history_due {
-                    history.push(i);
-                }
-                // previous_score moves only when the score changes, so `score_change` keeps saying
-                // how the latest change went after unchanged rescores.
-                let previous = match p {
-                    None => None,
-                    Some(p) if is_change => Some(p.score),
-                    Some(p) => p.previous_score,
-                };
-                c_score.push(s.score);
-                c_tier.push(s.tier.as_str().to_string());
-                c_stale.push(s.stale);
-                c_version.push(s.model_version);
-                c_signals.push(signals_json(s));
-                c_change.push(previous.map_or(0.0, |ps| ((s.score - ps) * 10.0).round() / 10.0));
-                c_prev.push(previous);
+        let mut full: Vec<usize> = Vec::new();
+        let mut touch: Vec<i64> = Vec::new();
+        let mut history: Vec<i64> = Vec::new();
+        let mut changed: Vec<usize> = Vec::new();
+        let mut previous_scores: Vec<Option<f64>> = Vec::with_capacity(scores.len());
+        for (i, s) in scores.iter().enumerate() {
+            let p = prev.get(&s.account_id);
+            let is_change = match p {
+                None => true,
+                Some(p) => (p.score - s.score).abs() > 1e-9 || p.tier != s.tier.as_str(),
+            };
+            let same_content = !is_change
+                && p.is_some_and(|p| {
+                    p.signals_digest == Some(digests[i]) && p.stale == s.stale && p.model_version == s.model_version
+                });
+            let history_due = p.and_then(|p| p.last_history).is_none_or(|t| now - t >= Duration::hours(24));
+            if is_change {
+                changed.push(i);
             }
+            if is_change || history_due {
+                history.push(s.account_id);
+            }
+            // previous_score moves only when the score changes, so `score_change` keeps saying
+            // how the latest change went after unchanged rescores.
+            previous_scores.push(match p {
+                None => None,
+                Some(p) if is_change => Some(p.score),
+                Some(p) => p.previous_score,
+            });
+            if same_content {
+                touch.push(s.account_id);
+            } else {
+                full.push(i);
+            }
+        }
 
+        if !touch.is_empty() {
+            diesel::sql_query(
+                "UPDATE health_current SET computed_at = $1 WHERE account_id = ANY($2) AND computed_at <= $1",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<BigInt>, _>(&touch)
+            .execute(conn)
+            .await?;
+        }
+        if !full.is_empty() {
+            let f_ids: Vec<i64> = full.iter().map(|&i| ids[i]).collect();
+            let f_score: Vec<f64> = full.iter().map(|&i| scores[i].score).collect();
+            let f_tier: Vec<&str> = full.iter().map(|&i| scores[i].tier.as_str()).collect();
+            let f_stale: Vec<bool> = full.iter().map(|&i| scores[i].stale).collect();
+            let f_version: Vec<i32> = full.iter().map(|&i| scores[i].model_version).collect();
+            let f_signals: Vec<&str> = full.iter().map(|&i| texts[i].as_str()).collect();
+            let f_digest: Vec<i64> = full.iter().map(|&i| digests[i]).collect();
+            let f_prev: Vec<Option<f64>> = full.iter().map(|&i| previous_scores[i]).collect();
+            let f_change: Vec<f64> = full
+                .iter()
+                .map(|&i| previous_scores[i].map_or(0.0, |ps| ((scores[i].score - ps) * 10.0).round() / 10.0))
+                .collect();
             diesel::sql_query(
                 "INSERT INTO health_current
-                    (account_id, computed_at, score, tier, stale, model_version, signals, previous_score, score_change)
-                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals, x.previous_score, x.score_change
-                 FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::jsonb[], $8::float8[], $9::float8[])
-                      AS x(account_id, score, tier, stale, model_version, signals, previous_score, score_change)
+                    (account_id, computed_at, score, tier, stale, model_version, signals, signals_digest, previous_score, score_change)
+                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::jsonb, x.digest,
+                        x.previous_score, x.score_change
+                 FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[], $8::bigint[],
+                             $9::float8[], $10::float8[])
+                      AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
                  ON CONFLICT (account_id) DO UPDATE SET
                     computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
                     stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, signals = EXCLUDED.signals,
-                    previous_score = EXCLUDED.previous_score, score_change = EXCLUDED.score_change
+                    signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
+                    score_change = EXCLUDED.score_change
                  WHERE health_current.computed_at <= EXCLUDED.computed_at",
             )
             .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<Double>, _>(&c_score)
-            .bind::<Array<Text>, _>(&c_tier)
-            .bind::<Array<Bool>, _>(&c_stale)
-            .bind::<Array<Integer>, _>(&c_version)
-            .bind::<Array<Jsonb>, _>(&c_signals)
-            .bind::<Array<Nullable<Double>>, _>(&c_prev)
-            .bind::<Array<Double>, _>(&c_change)
+            .bind::<Array<BigInt>, _>(&f_ids)
+            .bind::<Array<Double>, _>(&f_score)
+            .bind::<Array<Text>, _>(&f_tier)
+            .bind::<Array<Bool>, _>(&f_stale)
+            .bind::<Array<Integer>, _>(&f_version)
+            .bind::<Array<Text>, _>(&f_signals)
+            .bind::<Array<BigInt>, _>(&f_digest)
+            .bind::<Array<Nullable<Double>>, _>(&f_prev)
+            .bind::<Array<Double>, _>(&f_change)
             .execute(conn)
             .await?;
+        }
+        if !history.is_empty() {
+            diesel::sql_query(
+                "INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+                 SELECT account_id, computed_at, score, tier, stale, model_version, signals
+                 FROM health_current WHERE account_id = ANY($1)
+                 ON CONFLICT (account_id, computed_at) DO UPDATE SET
+                    score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+                    model_version = EXCLUDED.model_version, signals = EXCLUDED.signals",
+            )
+            .bind::<Array<BigInt>, _>(&history)
+            .execute(conn)
+            .await?;
+        }
 
-            if !history.is_empty() {
-                let h_ids: Vec<i64> = history.iter().map(|&i| ids[i]).collect();
-                let h_score: Vec<f64> = history.iter().map(|&i| c_score[i]).collect();
-                let h_tier: Vec<String> = history.iter().map(|&i| c_tier[i].clone()).collect();
-                let h_stale: Vec<bool> = history.iter().map(|&i| c_stale[i]).collect();
-                let h_version: Vec<i32> = history.iter().map(|&i| c_version[i]).collect();
-                let h_signals: Vec<serde_json::Value> = history.iter().map(|&i| c_signals[i].clone()).collect();
-                diesel::sql_query(
-                    "INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                     SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals
-                     FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::jsonb[])
-                          AS x(account_id, score, tier, stale, model_version, signals)
-                     ON CONFLICT (account_id, computed_at) DO UPDATE SET
-                        score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
-                        model_version = EXCLUDED.model_version, signals = EXCLUDED.signals",
-                )
-                .bind::<Timestamptz, _>(now)
-                .bind::<Array<BigInt>, _>(&h_ids)
-                .bind::<Array<Double>, _>(&h_score)
-                .bind::<Array<Text>, _>(&h_tier)
-                .bind::<Array<Bool>, _>(&h_stale)
-                .bind::<Array<Integer>, _>(&h_version)
-                .bind::<Array<Jsonb>, _>(&h_signals)
-                .execute(conn)
-                .await?;
+        let mut feed_ids = Vec::new();
+        if !changed.is_empty() {
+            let c_ids: Vec<i64> = changed.iter().map(|&i| ids[i]).collect();
+            let c_prev: Vec<Option<f64>> = changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.score)).collect();
+            let c_score: Vec<f64> = changed.iter().map(|&i| scores[i].score).collect();
+            let c_prev_tier: Vec<Option<&str>> =
+                changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.tier.as_str())).collect();
+            let c_tier: Vec<&str> = changed.iter().map(|&i| scores[i].tier.as_str()).collect();
+            let c_drivers: Vec<String> = changed
+                .iter()
+                .map(|&i| serde_json::to_string(&scores[i].drivers()).unwrap_or_else(|_| "[]".into()))
+                .collect();
+            #[derive(QueryableByName)]
+            struct Id {
+                #[diesel(sql_type = BigInt)]
+                id: i64,
             }
-
-            let mut feed_ids = Vec::new();
-            if !changed.is_empty() {
-                let f_ids: Vec<i64> = changed.iter().map(|&i| ids[i]).collect();
-                let f_prev: Vec<Option<f64>> = changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.score)).collect();
-                let f_score: Vec<f64> = changed.iter().map(|&i| c_score[i]).collect();
-                let f_prev_tier: Vec<Option<String>> =
-                    changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.tier.clone())).collect();
-                let f_tier: Vec<String> = changed.iter().map(|&i| c_tier[i].clone()).collect();
-                let f_drivers: Vec<serde_json::Value> = changed.iter().map(|&i| drivers_json(&scores[i])).collect();
-                #[derive(QueryableByName)]
-                struct Id {
-                    #[diesel(sql_type = BigInt)]
-                    id: i64,
-                }
-                let rows: Vec<Id> = diesel::sql_query(
-                    "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers, changed_at)
-                     SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, x.drivers, $1
-                     FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[], $7::jsonb[])
-                          WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, drivers, n)
-                     ORDER BY x.n
-                     RETURNING id",
-                )
-                .bind::<Timestamptz, _>(now)
-                .bind::<Array<BigInt>, _>(&f_ids)
-                .bind::<Array<Nullable<Double>>, _>(&f_prev)
-                .bind::<Array<Double>, _>(&f_score)
-                .bind::<Array<Nullable<Text>>, _>(&f_prev_tier)
-                .bind::<Array<Text>, _>(&f_tier)
-                .bind::<Array<Jsonb>, _>(&f_drivers)
-                .load(conn)
-                .await?;
-                feed_ids = rows.into_iter().map(|r| r.id).collect();
-            }
-            Ok(Written {
-                changed: changed.iter().map(|&i| ids[i]).collect(),
-                feed_ids,
-                history_rows: history.len(),
-        })
+            let rows: Vec<Id> = diesel::sql_query(
+                "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers, changed_at)
+                 SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, x.drivers::jsonb, $1
+                 FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[], $7::text[])
+                      WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, drivers, n)
+                 ORDER BY x.n
+                 RETURNING id",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<BigInt>, _>(&c_ids)
+            .bind::<Array<Nullable<Double>>, _>(&c_prev)
+            .bind::<Array<Double>, _>(&c_score)
+            .bind::<Array<Nullable<Text>>, _>(&c_prev_tier)
+            .bind::<Array<Text>, _>(&c_tier)
+            .bind::<Array<Text>, _>(&c_drivers)
+            .load(conn)
+            .await?;
+            feed_ids = rows.into_iter().map(|r| r.id).collect();
+        }
+        Ok(Written { changed: changed.iter().map(|&i| ids[i]).collect(), feed_ids, history_rows: history.len() })
     })
     .await
 }

@@ -195,11 +195,18 @@ pub fn money(cents: i64) -> String {
     let c = cents.unsigned_abs();
     let whole = (c / 100).to_string();
     let mut grouped = String::new();
-    for (i, ch) in whole.chars().enumerate() {
-        if i > 0 && (whole.len() - i) % 3 == 0 {
+    // Digits before the next comma, counting from the left.
+    let mut until_comma = match whole.len() % 3 {
+        0 => 3,
+        r => r,
+    };
+    for ch in whole.chars() {
+        if until_comma == 0 {
             grouped.push(',');
+            until_comma = 3;
         }
         grouped.push(ch);
+        until_comma -= 1;
     }
     format!("{}${grouped}.{:02}", if neg { "-" } else { "" }, c % 100)
 }
@@ -354,7 +361,7 @@ pub fn feature_adoption(
         value: used.len() as f64,
         score: cfg.curves.feature_adoption_ratio.eval(ratio),
         explanation,
-        details: serde_json::json!({ "used": used, "key_features": key_features, "ratio": ratio }),
+        details: serde_json::json!({ "used": used, "of": key_features.len(), "ratio": ratio }),
     })
 }
 
