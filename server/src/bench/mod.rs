@@ -1,0 +1,5 @@
+//! Benchmark commands (being written).
+
+pub mod ingest;
+pub mod scoring;
+pub mod subscriptions;
