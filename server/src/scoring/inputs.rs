@@ -509,6 +509,11 @@ pub async fn aggregate_pass(
             diesel::sql_query("SET LOCAL jit = off")
                 .execute(conn)
                 .await?;
+            // One process, like the batched loads it is compared with (a parallel plan here would
+            // also build every hash table once per worker).
+            diesel::sql_query("SET LOCAL max_parallel_workers_per_gather = 0")
+                .execute(conn)
+                .await?;
             let ids: Vec<i64> = diesel::sql_query("SELECT id FROM accounts")
                 .load::<Id>(conn)
                 .await?
