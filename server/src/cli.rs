@@ -427,6 +427,9 @@ pub async fn shutdown_signal() {
 pub async fn start_app(config: Config, db: &Database) -> anyhow::Result<AppState> {
     // Install the metrics recorder before anything records.
     crate::telemetry::metrics_handle();
+    // A bad [alerts] section fails the start instead of silently falling back to defaults.
+    crate::alerts::rules::install_file_config(&config.alerts)
+        .map_err(|e| anyhow::anyhow!("invalid [alerts] configuration: {e}"))?;
     db.migrate().await?;
     let pool = crate::db::connect(&db.url, config.pool_size)
         .await
