@@ -30,6 +30,8 @@ pub const BENCH_SOURCE: &str = "bench-ingest";
 const ACCOUNTS: usize = 100;
 const USERS_PER_ACCOUNT: usize = 8;
 const DAYS: i64 = 30;
+/// Records per batch (the csv plugin's `batch_size` setting).
+const BATCH_SIZE: u64 = 50_000;
 const EVENTS: [(&str, &str); 6] = [
     ("login", ""),
     ("page_view", ""),
@@ -101,25 +103,24 @@ impl fmt::Display for IngestBenchReport {
     }
 }
 
-/// The deterministic rows of the drop (row `i`).
-fn event(i: usize, start: DateTime<Utc>) -> UsageEvent {
-    // A cheap deterministic scramble so rows spread over accounts, users and time.
+/// The deterministic rows of the drop (row `i` of `rows`): spread over accounts, users and
+/// events, in time order as an analytics export is.
+fn event(i: usize, rows: usize, start: DateTime<Utc>) -> UsageEvent {
+    // A cheap deterministic scramble so consecutive rows hit different accounts and users.
     let h = (i as u64)
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .rotate_left(17);
     let account = (h % ACCOUNTS as u64) as usize;
     let user = ((h >> 12) % USERS_PER_ACCOUNT as u64) as usize;
     let (ev, feature) = EVENTS[((h >> 24) % EVENTS.len() as u64) as usize];
-    let secs = ((h >> 32) % (DAYS as u64 * 86_400)) as i64;
+    let span_micros = DAYS * 86_400 * 1_000_000;
+    let at = (i as i128 * span_micros as i128 / rows.max(1) as i128) as i64;
     UsageEvent {
         account_key: format!("bench-acct-{account:04}"),
         user_id: Some(format!("user-{account:04}-{user:02}@example.com")),
         event: ev.to_string(),
         feature: (!feature.is_empty()).then(|| feature.to_string()),
-        // Rows also differ by their index so none is a duplicate of another.
-        occurred_at: start
-            + chrono::Duration::seconds(secs)
-            + chrono::Duration::microseconds((i % 1_000_000) as i64),
+        occurred_at: start + chrono::Duration::microseconds(at),
         count: 1,
         event_id: None,
     }
@@ -133,7 +134,7 @@ pub fn write_drop(dir: &Path, rows: usize) -> std::io::Result<std::path::PathBuf
     writeln!(out, "account_key,user_id,event,feature,occurred_at,count")?;
     let start = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
     for i in 0..rows {
-        let e = event(i, start);
+        let e = event(i, rows, start);
         writeln!(
             out,
             "{},{},{},{},{},{}",
@@ -214,7 +215,7 @@ pub async fn run_ingest_bench(
             name: BENCH_SOURCE.into(),
             plugin: "csv".into(),
             schedule: Some("every 365d".into()),
-            settings: Some(json!({"dir": drop_dir, "batch_size": 10_000})),
+            settings: Some(json!({"dir": drop_dir, "batch_size": BATCH_SIZE})),
             timeout_secs: Some(24 * 3600),
             ..Default::default()
         },
@@ -269,7 +270,7 @@ pub async fn run_ingest_bench(
     let start = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
     let mut data = Vec::with_capacity(rows * 120);
     for i in 0..rows {
-        let e = event(i, start);
+        let e = event(i, rows, start);
         writeln!(
             data,
             "{},{},{},{},{},{},{},{}",

@@ -131,6 +131,8 @@ pub struct PreparedBatch {
     domains: Vec<Option<String>>,
     accounts: AccountCols,
     usage: UsageCols,
+    /// The usage events aggregated per (account key, day, user, event, feature).
+    usage_rollup: DailyCols,
     daily: DailyCols,
     tickets: TicketCols,
     subscriptions: SubscriptionCols,
@@ -448,6 +450,63 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
         out.kinds.insert(kind);
     }
     out.rejections.extend(bad);
+    dedupe_usage(&mut out.usage);
+    out.usage_rollup = rollup(&out.usage);
+    out
+}
+
+/// Drops repeated events (same account key and identity) within a batch: they are one event.
+fn dedupe_usage(u: &mut UsageCols) {
+    let mut seen = HashSet::with_capacity(u.uid.len());
+    let keep: Vec<bool> = u
+        .key
+        .iter()
+        .zip(&u.uid)
+        .map(|(k, uid)| seen.insert((*k, uid.as_str())))
+        .collect();
+    drop(seen);
+    if keep.iter().all(|k| *k) {
+        return;
+    }
+    fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
+        let mut i = 0;
+        v.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+    retain(&mut u.key, &keep);
+    retain(&mut u.uid, &keep);
+    retain(&mut u.user, &keep);
+    retain(&mut u.event, &keep);
+    retain(&mut u.feature, &keep);
+    retain(&mut u.at, &keep);
+    retain(&mut u.count, &keep);
+}
+
+/// Sums events per (account key, UTC day, user, event, feature), `''` for no user or feature.
+fn rollup(u: &UsageCols) -> DailyCols {
+    type Key<'a> = (u32, NaiveDate, &'a str, &'a str, &'a str);
+    let mut sums: HashMap<Key<'_>, i64> = HashMap::new();
+    for i in 0..u.key.len() {
+        let key = (
+            u.key[i],
+            u.at[i].date_naive(),
+            u.user[i].as_deref().unwrap_or(""),
+            u.event[i].as_str(),
+            u.feature[i].as_deref().unwrap_or(""),
+        );
+        *sums.entry(key).or_insert(0) += i64::from(u.count[i]);
+    }
+    let mut out = DailyCols::default();
+    for ((k, day, user, event, feature), n) in sums {
+        out.key.push(k);
+        out.day.push(day);
+        out.user.push(user.to_string());
+        out.event.push(event.to_string());
+        out.feature.push(feature.to_string());
+        out.count.push(n);
+    }
     out
 }
 
@@ -471,6 +530,13 @@ pub struct BatchWriter {
     /// Identities already resolved in this run (only those committed).
     identities: HashMap<String, i64>,
     pub totals: WriteTotals,
+}
+
+fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
 }
 
 fn ids(map: &HashMap<String, i64>, keys: &[String], idx: &[u32]) -> Vec<i64> {
@@ -620,30 +686,81 @@ async fn write_rows(
     }
     let u = &b.usage;
     if !u.key.is_empty() {
-        diesel::sql_query(
-            "WITH ins AS ( \
-               INSERT INTO usage_events (account_id, source, event_uid, user_id, event, feature, occurred_at, count) \
-               SELECT a, $1, uid, usr, ev, feat, at, n FROM unnest($2::int8[], $3::text[], $4::text[], \
-                 $5::text[], $6::text[], $7::timestamptz[], $8::int4[]) AS u(a, uid, usr, ev, feat, at, n) \
-               ON CONFLICT DO NOTHING \
-               RETURNING account_id, user_id, event, feature, occurred_at, count) \
-             INSERT INTO usage_daily (account_id, day, user_id, event, feature, events) \
-             SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, COALESCE(user_id, ''), event, \
-                    COALESCE(feature, ''), sum(count) \
-             FROM ins GROUP BY 1, 2, 3, 4, 5 \
-             ON CONFLICT (account_id, day, user_id, event, feature) \
-             DO UPDATE SET events = usage_daily.events + EXCLUDED.events",
-        )
-        .bind::<Text, _>(source)
-        .bind::<Array<Int8>, _>(ids(map, keys, &u.key))
-        .bind::<Array<Text>, _>(&u.uid)
-        .bind::<Array<Nullable<Text>>, _>(&u.user)
-        .bind::<Array<Text>, _>(&u.event)
-        .bind::<Array<Nullable<Text>>, _>(&u.feature)
-        .bind::<Array<Timestamptz>, _>(&u.at)
-        .bind::<Array<Int4>, _>(&u.count)
-        .execute(conn)
-        .await?;
+        let account_ids = ids(map, keys, &u.key);
+        // Fast path, for new events (the usual case): a plain insert, as cheap as it gets, and the
+        // rollup the batch computed. A re-sent event makes it fail on the primary key; then the
+        // savepoint is rolled back and the batch goes through the deduplicating statement.
+        let fast = conn
+            .transaction::<_, diesel::result::Error, _>(async |conn| {
+                diesel::sql_query(
+                    // unnest() in the select list zips the arrays without materialising them
+                    // first (measurably cheaper than `FROM unnest(...)` for large batches).
+                    "INSERT INTO usage_events (account_id, source, event_uid, user_id, event, feature, occurred_at, count) \
+                     SELECT unnest($2::int8[]), $1, unnest($3::text[]), unnest($4::text[]), unnest($5::text[]), \
+                       unnest($6::text[]), unnest($7::timestamptz[]), unnest($8::int4[])",
+                )
+                .bind::<Text, _>(source)
+                .bind::<Array<Int8>, _>(&account_ids)
+                .bind::<Array<Text>, _>(&u.uid)
+                .bind::<Array<Nullable<Text>>, _>(&u.user)
+                .bind::<Array<Text>, _>(&u.event)
+                .bind::<Array<Nullable<Text>>, _>(&u.feature)
+                .bind::<Array<Timestamptz>, _>(&u.at)
+                .bind::<Array<Int4>, _>(&u.count)
+                .execute(conn)
+                .await
+            })
+            .await;
+        match fast {
+            Ok(_) => {
+                let r = &b.usage_rollup;
+                // Two source keys can map to one account: group again by account id.
+                diesel::sql_query(
+                    "INSERT INTO usage_daily (account_id, day, user_id, event, feature, events) \
+                     SELECT a, day, usr, ev, feat, sum(n)::bigint \
+                     FROM unnest($1::int8[], $2::date[], $3::text[], $4::text[], $5::text[], $6::int8[]) \
+                       AS u(a, day, usr, ev, feat, n) \
+                     GROUP BY 1, 2, 3, 4, 5 \
+                     ON CONFLICT (account_id, day, user_id, event, feature) \
+                     DO UPDATE SET events = usage_daily.events + EXCLUDED.events",
+                )
+                .bind::<Array<Int8>, _>(ids(map, keys, &r.key))
+                .bind::<Array<Date>, _>(&r.day)
+                .bind::<Array<Text>, _>(&r.user)
+                .bind::<Array<Text>, _>(&r.event)
+                .bind::<Array<Text>, _>(&r.feature)
+                .bind::<Array<Int8>, _>(&r.count)
+                .execute(conn)
+                .await?;
+            }
+            Err(e) if is_unique_violation(&e) => {
+                diesel::sql_query(
+                    "WITH ins AS ( \
+                       INSERT INTO usage_events (account_id, source, event_uid, user_id, event, feature, occurred_at, count) \
+                       SELECT a, $1, uid, usr, ev, feat, at, n FROM unnest($2::int8[], $3::text[], $4::text[], \
+                         $5::text[], $6::text[], $7::timestamptz[], $8::int4[]) AS u(a, uid, usr, ev, feat, at, n) \
+                       ON CONFLICT DO NOTHING \
+                       RETURNING account_id, user_id, event, feature, occurred_at, count) \
+                     INSERT INTO usage_daily (account_id, day, user_id, event, feature, events) \
+                     SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, COALESCE(user_id, ''), event, \
+                            COALESCE(feature, ''), sum(count) \
+                     FROM ins GROUP BY 1, 2, 3, 4, 5 \
+                     ON CONFLICT (account_id, day, user_id, event, feature) \
+                     DO UPDATE SET events = usage_daily.events + EXCLUDED.events",
+                )
+                .bind::<Text, _>(source)
+                .bind::<Array<Int8>, _>(&account_ids)
+                .bind::<Array<Text>, _>(&u.uid)
+                .bind::<Array<Nullable<Text>>, _>(&u.user)
+                .bind::<Array<Text>, _>(&u.event)
+                .bind::<Array<Nullable<Text>>, _>(&u.feature)
+                .bind::<Array<Timestamptz>, _>(&u.at)
+                .bind::<Array<Int4>, _>(&u.count)
+                .execute(conn)
+                .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let d = &b.daily;
     if !d.key.is_empty() {
@@ -934,5 +1051,50 @@ mod tests {
         assert_eq!(p.domains[1].as_deref(), Some("beta.io"));
         assert_eq!(p.usage.user[0], None);
         assert_eq!(p.cursor.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn repeated_events_in_a_batch_count_once_and_roll_up_per_day() {
+        let ev = |user: &str, at: &str, id: Option<&str>| {
+            Record::UsageEvent(UsageEvent {
+                account_key: "a".into(),
+                user_id: Some(user.into()),
+                event: "page_view".into(),
+                feature: None,
+                occurred_at: t(at),
+                count: 2,
+                event_id: id.map(str::to_string),
+            })
+        };
+        let p = prepare(Batch {
+            records: vec![
+                ev("u1", "2026-11-23T09:00:00Z", None),
+                ev("u1", "2026-11-23T09:00:00Z", None),
+                ev("u1", "2026-11-23T10:00:00Z", None),
+                ev("u2", "2026-11-24T00:30:00Z", Some("e1")),
+                ev("u2", "2026-11-24T00:31:00Z", Some("e1")),
+            ],
+            rejections: vec![],
+            cursor: None,
+        });
+        assert_eq!(p.records, 5);
+        assert_eq!(p.usage.uid.len(), 3);
+        let mut days: Vec<(String, String, i64)> = (0..p.usage_rollup.key.len())
+            .map(|i| {
+                (
+                    p.usage_rollup.day[i].to_string(),
+                    p.usage_rollup.user[i].clone(),
+                    p.usage_rollup.count[i],
+                )
+            })
+            .collect();
+        days.sort();
+        assert_eq!(
+            days,
+            vec![
+                ("2026-11-23".to_string(), "u1".to_string(), 4),
+                ("2026-11-24".to_string(), "u2".to_string(), 2)
+            ]
+        );
     }
 }
