@@ -802,6 +802,17 @@ impl Account {
             .collect())
     }
 
+    /// How many points each signal added or cost between `from` and `to` (default: now), with a
+    /// change of model told apart from a change in behaviour. Null before the first score.
+    async fn health_change(
+        &self,
+        ctx: &Context<'_>,
+        from: DateTime<Utc>,
+        to: Option<DateTime<Utc>>,
+    ) -> async_graphql::Result<Option<super::scoring::HealthChange>> {
+        super::scoring::account_health_change(ctx, self.0.id, from, to).await
+    }
+
     /// Support tickets, newest opened first (`first` defaults to 20).
     #[graphql(complexity = "list_cost(first, DEFAULT_PAGE, child_complexity)")]
     async fn support_tickets(

@@ -1,19 +1,35 @@
 //! Assembles the schema from each domain's query, mutation and subscription parts.
 
-use async_graphql::{EmptySubscription, MergedObject, Schema};
+use async_graphql::{MergedObject, MergedSubscription, Schema};
 
 use crate::app::AppState;
 
 use super::accounts::AccountsQuery;
 use super::admin::{AdminMutation, AdminQuery};
+use super::alerts::{AlertsMutation, AlertsQuery};
+use super::connectors::{ConnectorsMutation, ConnectorsQuery};
+use super::scoring::{ScoringMutation, ScoringQuery};
+use super::subscriptions::FeedSubscription;
 
 #[derive(MergedObject, Default)]
-pub struct Query(AccountsQuery, AdminQuery);
+pub struct Query(
+    AccountsQuery,
+    AdminQuery,
+    ScoringQuery,
+    AlertsQuery,
+    ConnectorsQuery,
+);
 
 #[derive(MergedObject, Default)]
-pub struct Mutation(AdminMutation);
+pub struct Mutation(
+    AdminMutation,
+    ScoringMutation,
+    AlertsMutation,
+    ConnectorsMutation,
+);
 
-pub type Subscription = EmptySubscription;
+#[derive(MergedSubscription, Default)]
+pub struct Subscription(FeedSubscription);
 
 pub type HealthdSchema = Schema<Query, Mutation, Subscription>;
 

@@ -86,7 +86,13 @@ pub async fn run_if_due(
         return Ok(None);
     }
     match rescore_at(pool, RescoreScope::All, now).await {
-        Ok(s) => Ok(Some(s)),
+        Ok(s) => {
+            // Alerts follow the daily scores at once (the periodic evaluation would catch up later).
+            if let Err(e) = crate::alerts::evaluate(pool, &crate::alerts::AlertScope::All).await {
+                tracing::warn!(error = %e, "alert evaluation after the daily rescore failed");
+            }
+            Ok(Some(s))
+        }
         Err(e) => {
             // Release the claim so the next check (here or elsewhere) retries.
             if let Ok(mut conn) = pool.get().await {
