@@ -742,3 +742,21 @@ async fn a_small_ingest_benchmark_runs() {
         0
     );
 }
+
+/// The full benchmark: `cargo test --release -p healthd --test connectors -- --ignored --nocapture`
+/// (`HEALTHD_BENCH_ROWS` overrides the 1,000,000 rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes a minute; run explicitly"]
+async fn ingest_benchmark_full() {
+    let rows = std::env::var("HEALTHD_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = healthd::bench::ingest::run_ingest_bench(db.url(), registry(), rows, dir.path())
+        .await
+        .unwrap();
+    println!("{report}");
+    assert_eq!(report.ingested, rows as u64);
+}
