@@ -561,9 +561,11 @@ async fn finish_run(
     .await
 }
 
-/// `healthd sync NAME`: applies the config file's `[[connector]]` entries, runs the instance
-/// once in this process with live progress (a bar on a terminal, periodic lines otherwise when
-/// `progress` is true), prints the summary, and fails when the run failed.
+/// `healthd sync NAME`: applies the config file's `[[connector]]` entries, then runs the instance
+/// once in this process. With `progress`, live progress goes to stderr (a bar on a terminal,
+/// a line every 5 s otherwise). Returns the run's summary (print it with
+/// [`RunSummary::render`]), also when the run failed; errors are for runs that could not start
+/// (unknown instance, already running, database down).
 pub async fn sync_from_cli(
     state: &AppState,
     name: &str,
@@ -576,14 +578,5 @@ pub async fn sync_from_cli(
     } else {
         Progress::Silent
     };
-    let summary = runtime.sync_now(name, RunTrigger::Cli, reporter).await?;
-    println!("{}", summary.render());
-    if summary.succeeded {
-        Ok(summary)
-    } else {
-        Err(anyhow::anyhow!(
-            "sync `{name}` failed: {}",
-            summary.error.clone().unwrap_or_default()
-        ))
-    }
+    Ok(runtime.sync_now(name, RunTrigger::Cli, reporter).await?)
 }
