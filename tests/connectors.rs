@@ -223,6 +223,16 @@ async fn a_drop_folder_synced_twice_holds_every_row_once() {
             count(&pool, "SELECT count(*) AS n FROM accounts").await,
         )
     };
+    // The manual run took the overdue first slot: the next one is an hour away.
+    let next = instances::get(pool, "files")
+        .await
+        .unwrap()
+        .next_run_at
+        .unwrap();
+    assert!(
+        next > chrono::Utc::now() + chrono::Duration::minutes(59),
+        "{next}"
+    );
     let after_first = totals(pool.clone()).await;
     assert_eq!(after_first, (700, 700, 2, 1, 2, 1, 7));
     // The later row of T1 won; EUR kept; the account details landed.

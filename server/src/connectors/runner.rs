@@ -274,11 +274,13 @@ impl ConnectorRuntime {
                     .collect()
             })
             .unwrap_or_default();
+        let interrupted = error.is_some() && self.shutdown.is_cancelled();
         if let Err(e) = finish_run(
             &self.pool,
             &instance,
             run_id,
             error.as_deref(),
+            interrupted,
             &kinds,
             &manifest_kinds,
         )
@@ -501,18 +503,24 @@ async fn finish_run(
     instance: &ConnectorInstance,
     run_id: i64,
     error: Option<&str>,
+    interrupted: bool,
     kinds: &[String],
     manifest_kinds: &[String],
 ) -> Result<(), RuntimeError> {
     let mut pooled = pool.get().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
     let now = Utc::now();
+    let schedule = Schedule::parse(&instance.schedule).ok();
     let retry_at = {
-        let interval = Schedule::parse(&instance.schedule)
+        let interval = schedule
+            .as_ref()
             .map(|s| s.nominal_interval(now))
-            .unwrap_or_else(|_| chrono::Duration::days(1));
+            .unwrap_or_else(|| chrono::Duration::days(1));
         now + retry_delay(instance.failures + 1, interval)
     };
+    let next_regular = schedule
+        .map(|s| s.next_after(now))
+        .unwrap_or_else(|| now + chrono::Duration::days(1));
     conn.transaction::<_, RuntimeError, _>(async |conn| {
         let status = if error.is_some() { "failed" } else { "succeeded" };
         let n = diesel::sql_query(
@@ -531,10 +539,17 @@ async fn finish_run(
         }
         match error {
             None => {
-                diesel::sql_query("UPDATE connectors SET failures = 0 WHERE id = $1")
-                    .bind::<BigInt, _>(instance.id)
-                    .execute(conn)
-                    .await?;
+                // A run outside the schedule (manual, CLI) that covered an overdue slot counts
+                // as that slot's run.
+                diesel::sql_query(
+                    "UPDATE connectors SET failures = 0, next_run_at = CASE \
+                       WHEN next_run_at IS NULL OR next_run_at <= now() THEN $2 ELSE next_run_at END \
+                     WHERE id = $1",
+                )
+                .bind::<BigInt, _>(instance.id)
+                .bind::<Timestamptz, _>(next_regular)
+                .execute(conn)
+                .await?;
                 diesel::sql_query(
                     "INSERT INTO source_freshness (connector_id, kind, last_success_at) \
                      SELECT $1, k, now() FROM unnest($2::text[]) AS k \
@@ -544,6 +559,13 @@ async fn finish_run(
                 .bind::<Array<Text>, _>(manifest_kinds)
                 .execute(conn)
                 .await?;
+            }
+            // Stopped by shutdown: not the connector's fault; due again at the next start.
+            Some(_) if interrupted => {
+                diesel::sql_query("UPDATE connectors SET next_run_at = now() WHERE id = $1")
+                    .bind::<BigInt, _>(instance.id)
+                    .execute(conn)
+                    .await?;
             }
             Some(_) => {
                 diesel::sql_query(
