@@ -13,7 +13,8 @@
 //! also moves the data that source already ingested for the key, when the old account holds no
 //! other key from the same source (otherwise rows cannot be told apart and only new data moves).
 //!
-//! Resolution is set-based: a handful of statements per batch, whatever its size.
+//! Resolution is set-based: a handful of statements per batch, whatever its size. Rows are
+//! written in key order so concurrent runs of different instances lock in the same order.
 
 use std::collections::HashMap;
 
@@ -87,12 +88,12 @@ pub async fn resolve(
     let link_by_domain =
         "INSERT INTO account_identities (source, external_key, account_id, matched_by) \
          SELECT $1, m.k, a.id, 'domain' FROM unnest($2::text[], $3::text[]) AS m(k, d) \
-         JOIN accounts a ON lower(a.domain) = m.d WHERE m.d IS NOT NULL \
+         JOIN accounts a ON lower(a.domain) = m.d WHERE m.d IS NOT NULL ORDER BY m.k \
          ON CONFLICT (source, external_key) DO NOTHING RETURNING external_key, account_id";
     let link_by_key =
         "INSERT INTO account_identities (source, external_key, account_id, matched_by) \
          SELECT $1, m.k, a.id, 'key' FROM unnest($2::text[]) AS m(k) \
-         JOIN accounts a ON a.key = m.k \
+         JOIN accounts a ON a.key = m.k ORDER BY m.k \
          ON CONFLICT (source, external_key) DO NOTHING RETURNING external_key, account_id";
 
     // Two rounds: link to existing accounts; create the rest; link again (the second round also
@@ -131,7 +132,7 @@ pub async fn resolve(
                 // Any unique violation (key or domain) means another row claims it: link instead.
                 diesel::sql_query(
                     "INSERT INTO accounts (key, name, domain) \
-                     SELECT k, k, d FROM unnest($1::text[], $2::text[]) AS m(k, d) \
+                     SELECT k, k, d FROM unnest($1::text[], $2::text[]) AS m(k, d) ORDER BY k \
                      ON CONFLICT DO NOTHING",
                 )
                 .bind::<Array<Text>, _>(&mk2)

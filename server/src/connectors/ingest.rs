@@ -720,7 +720,7 @@ async fn write_rows(
                      SELECT a, day, usr, ev, feat, sum(n)::bigint \
                      FROM unnest($1::int8[], $2::date[], $3::text[], $4::text[], $5::text[], $6::int8[]) \
                        AS u(a, day, usr, ev, feat, n) \
-                     GROUP BY 1, 2, 3, 4, 5 \
+                     GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
                      ON CONFLICT (account_id, day, user_id, event, feature) \
                      DO UPDATE SET events = usage_daily.events + EXCLUDED.events",
                 )
@@ -744,7 +744,7 @@ async fn write_rows(
                      INSERT INTO usage_daily (account_id, day, user_id, event, feature, events) \
                      SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, COALESCE(user_id, ''), event, \
                             COALESCE(feature, ''), sum(count) \
-                     FROM ins GROUP BY 1, 2, 3, 4, 5 \
+                     FROM ins GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 \
                      ON CONFLICT (account_id, day, user_id, event, feature) \
                      DO UPDATE SET events = usage_daily.events + EXCLUDED.events",
                 )
