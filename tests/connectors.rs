@@ -296,6 +296,12 @@ async fn a_drop_folder_synced_twice_holds_every_row_once() {
     assert_eq!(runs.len(), 4);
     assert!(runs[0].id > runs[1].id);
     assert!(runs.iter().all(|r| r.status == "succeeded"));
+    // The listing's totals (kept on the instance) match the run history.
+    let overview = instances::overview(pool).await.unwrap();
+    let total: i64 = runs.iter().map(|r| r.records_ingested).sum();
+    assert_eq!(overview[0].records_ingested, total);
+    assert!(overview[0].last_success_at.is_some());
+    assert_eq!(overview[0].last_run.as_ref().unwrap().id, runs[0].id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -577,13 +577,15 @@ impl BatchWriter {
                 let map = resolve_keys(conn, source, known, batch_ref).await?;
                 write_rows(conn, source, &map, batch_ref).await?;
                 store_rejections(conn, run_id, stored_rejections, &batch_ref.rejections).await?;
-                if let Some(cursor) = &batch_ref.cursor {
-                    diesel::sql_query("UPDATE connectors SET cursor = $2 WHERE id = $1")
-                        .bind::<BigInt, _>(connector_id)
-                        .bind::<Text, _>(cursor)
-                        .execute(conn)
-                        .await?;
-                }
+                diesel::sql_query(
+                    "UPDATE connectors SET cursor = COALESCE($2, cursor), \
+                     records_ingested = records_ingested + $3 WHERE id = $1",
+                )
+                .bind::<BigInt, _>(connector_id)
+                .bind::<Nullable<Text>, _>(batch_ref.cursor.as_deref())
+                .bind::<BigInt, _>(batch_ref.records as i64)
+                .execute(conn)
+                .await?;
                 let n = diesel::sql_query(
                     "UPDATE connector_runs SET heartbeat_at = now(), \
                      records_ingested = records_ingested + $2, records_rejected = records_rejected + $3 \

@@ -305,37 +305,41 @@ pub async fn list(pool: &DbPool) -> Result<Vec<ConnectorInstance>, RuntimeError>
         .await?)
 }
 
-/// Every instance with its status, last run, last success and totals (three set-based queries).
+/// Every instance with its status, last run, last success and total records. Totals are kept on
+/// the instance row; last runs are one index probe per instance: the run history is never scanned.
 pub async fn overview(pool: &DbPool) -> Result<Vec<InstanceOverview>, RuntimeError> {
     use diesel::sql_types::{BigInt, Nullable, Timestamptz};
 
     #[derive(diesel::QueryableByName)]
     struct Totals {
         #[diesel(sql_type = BigInt)]
-        connector_id: i64,
+        id: i64,
         #[diesel(sql_type = BigInt)]
-        total: i64,
+        records_ingested: i64,
         #[diesel(sql_type = Nullable<Timestamptz>)]
         last_success_at: Option<DateTime<Utc>>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        last_run_id: Option<i64>,
     }
 
     let instances = list(pool).await?;
     let mut conn = pool.get().await?;
     let totals: Vec<Totals> = diesel::sql_query(
-        "SELECT connector_id, COALESCE(sum(records_ingested), 0)::bigint AS total, \
-                max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success_at \
-         FROM connector_runs GROUP BY connector_id",
+        "SELECT c.id, c.records_ingested, c.last_success_at, \
+                (SELECT r.id FROM connector_runs r WHERE r.connector_id = c.id \
+                 ORDER BY r.id DESC LIMIT 1) AS last_run_id \
+         FROM connectors c",
     )
     .load(&mut conn)
     .await?;
+    let run_ids: Vec<i64> = totals.iter().filter_map(|t| t.last_run_id).collect();
     let last_runs: Vec<RunRow> = connector_runs::table
-        .distinct_on(connector_runs::connector_id)
-        .order((connector_runs::connector_id, connector_runs::id.desc()))
+        .filter(connector_runs::id.eq_any(&run_ids))
         .select(RunRow::as_select())
         .load(&mut conn)
         .await?;
     let totals: std::collections::HashMap<i64, Totals> =
-        totals.into_iter().map(|t| (t.connector_id, t)).collect();
+        totals.into_iter().map(|t| (t.id, t)).collect();
     let mut last: std::collections::HashMap<i64, RunRow> =
         last_runs.into_iter().map(|r| (r.connector_id, r)).collect();
     Ok(instances
@@ -348,7 +352,7 @@ pub async fn overview(pool: &DbPool) -> Result<Vec<InstanceOverview>, RuntimeErr
                 status,
                 last_run,
                 last_success_at: t.and_then(|t| t.last_success_at),
-                records_ingested: t.map_or(0, |t| t.total),
+                records_ingested: t.map_or(0, |t| t.records_ingested),
                 instance,
             }
         })

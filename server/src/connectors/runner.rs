@@ -542,7 +542,7 @@ async fn finish_run(
                 // A run outside the schedule (manual, CLI) that covered an overdue slot counts
                 // as that slot's run.
                 diesel::sql_query(
-                    "UPDATE connectors SET failures = 0, next_run_at = CASE \
+                    "UPDATE connectors SET failures = 0, last_success_at = now(), next_run_at = CASE \
                        WHEN next_run_at IS NULL OR next_run_at <= now() THEN $2 ELSE next_run_at END \
                      WHERE id = $1",
                 )
