@@ -364,6 +364,17 @@ async fn troubled_account_raises_each_rule_once_with_drivers() {
         .await,
     );
     assert_eq!(open["alerts"]["totalCount"], 3);
+
+    // Account.alerts: unresolved by default, all with includeResolved.
+    let account = data(gql(&schema, Role::Viewer,
+        "{ accounts(first: 10) { nodes { key alerts { rule status } all: alerts(includeResolved: true) { rule } } } }",
+        json!({})).await);
+    let nodes = account["accounts"]["nodes"].as_array().unwrap();
+    let acme_node = nodes.iter().find(|n| n["key"] == "acme").unwrap();
+    assert_eq!(acme_node["alerts"].as_array().unwrap().len(), 5);
+    assert_eq!(acme_node["all"].as_array().unwrap().len(), 6);
+    let fine_node = nodes.iter().find(|n| n["key"] == "fine").unwrap();
+    assert_eq!(fine_node["alerts"], json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread")]

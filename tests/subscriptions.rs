@@ -531,3 +531,90 @@ async fn small_subscription_benchmark_delivers_everything_once() {
     // Generous on a shared CI machine; the benchmark itself reports the real figure.
     assert!(report.p99 < Duration::from_secs(2), "{report}");
 }
+
+/// The full benchmark (not part of the suite): `HEALTHD_BENCH_SUBSCRIBERS=5000
+/// HEALTHD_BENCH_CHANGES=100 cargo test --release -p healthd --test subscriptions -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn subscription_benchmark() {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let db = TestDb::new().await;
+    let viewer = token(db.url(), "viewer");
+    // HEALTHD_BENCH_READ_BUFFER=<bytes>: serve from this process with that WebSocket read buffer
+    // instead of the binary (to measure the effect of the buffer size on the same handler).
+    let read_buffer = std::env::var("HEALTHD_BENCH_READ_BUFFER")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let (server, base, pid) = match read_buffer {
+        None => {
+            let server = Server::start(db.url());
+            let base = server.base.clone();
+            let pid = server.child.id();
+            (Some(server), base, pid)
+        }
+        Some(size) => (None, in_process_server(&db, size).await, std::process::id()),
+    };
+    let mut opts = healthd::bench::subscriptions::SubscriptionBenchOptions::new(
+        &base,
+        &viewer,
+        db.url(),
+        env("HEALTHD_BENCH_SUBSCRIBERS", 5000),
+        env("HEALTHD_BENCH_CHANGES", 100),
+    );
+    opts.server_pid = Some(pid);
+    opts.interval = Duration::from_millis(env("HEALTHD_BENCH_INTERVAL_MS", 200) as u64);
+    let report = healthd::bench::subscriptions::run_subscription_bench(&opts)
+        .await
+        .unwrap();
+    println!("{report}");
+    drop(server);
+    assert!(report.complete(), "{report}");
+}
+
+/// The subscription endpoint as `healthd serve` routes it (same schema and protocols), with the
+/// given WebSocket read buffer size; returns its base URL.
+async fn in_process_server(db: &TestDb, read_buffer: usize) -> String {
+    use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+    use axum::extract::{State, WebSocketUpgrade};
+    let state = healthd::app::AppState::new(
+        db.pool().clone(),
+        db.url(),
+        healthd::config::Config::default(),
+    );
+    let schema = healthd::graphql::build_schema(Some(state));
+    async fn handler(
+        State((schema, read_buffer)): State<(healthd::graphql::HealthdSchema, usize)>,
+        protocol: GraphQLProtocol,
+        upgrade: WebSocketUpgrade,
+    ) -> axum::response::Response {
+        upgrade
+            .read_buffer_size(read_buffer)
+            .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+            .on_upgrade(move |socket| async move {
+                GraphQLWebSocket::new(socket, schema, protocol)
+                    .on_connection_init(|_| async {
+                        let mut data = async_graphql::Data::default();
+                        data.insert(healthd::auth::Viewer {
+                            token_id: 0,
+                            name: "bench".into(),
+                            role: healthd::auth::Role::Viewer,
+                        });
+                        Ok(data)
+                    })
+                    .serve()
+                    .await
+            })
+    }
+    let app = axum::Router::new()
+        .route("/graphql/ws", axum::routing::get(handler))
+        .with_state((schema, read_buffer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}

@@ -79,6 +79,10 @@ pub struct SubscriptionBenchReport {
     pub server_rss_kib: Option<u64>,
     /// The server's resident memory before subscribers connected, in KiB.
     pub server_rss_before_kib: Option<u64>,
+    /// CPU time the server used per committed change while the changes flowed (all cores).
+    pub server_cpu_per_change: Option<Duration>,
+    /// CPU time this benchmark client used per committed change (it shares the machine).
+    pub client_cpu_per_change: Option<Duration>,
 }
 
 impl SubscriptionBenchReport {
@@ -110,6 +114,17 @@ impl std::fmt::Display for SubscriptionBenchReport {
             ms(self.p99),
             ms(self.max)
         )?;
+        if let (Some(server), Some(client)) =
+            (self.server_cpu_per_change, self.client_cpu_per_change)
+        {
+            writeln!(
+                f,
+                "cpu:           server {:.1} ms, client {:.1} ms per change ({} messages each)",
+                ms(server),
+                ms(client),
+                self.subscribers
+            )?;
+        }
         match (self.server_rss_before_kib, self.server_rss_kib) {
             (Some(before), Some(after)) => write!(
                 f,
@@ -170,6 +185,7 @@ pub async fn run_subscription_bench(
     )
     .await;
 
+    let cpu_before = (pid.and_then(cpu_time), cpu_time(std::process::id()));
     let mut committed_at: HashMap<i64, Instant> = HashMap::with_capacity(opts.changes);
     for n in 1..=opts.changes {
         let (id, at) = commit_change(&mut conn, account_id, n).await?;
@@ -181,6 +197,12 @@ pub async fn run_subscription_bench(
         opts.timeout,
     )
     .await;
+    let per_change = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) / opts.changes as u32),
+        _ => None,
+    };
+    let server_cpu_per_change = per_change(cpu_before.0, pid.and_then(cpu_time));
+    let client_cpu_per_change = per_change(cpu_before.1, cpu_time(std::process::id()));
     // Anything sent twice would arrive right behind the originals.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
@@ -229,6 +251,8 @@ pub async fn run_subscription_bench(
         max: latencies.last().copied().unwrap_or_default(),
         server_rss_kib: pid.and_then(vm_rss_kib),
         server_rss_before_kib: rss_before,
+        server_cpu_per_change,
+        client_cpu_per_change,
     })
 }
 
@@ -296,7 +320,11 @@ async fn connect_subscriber(url: String, token: String, after: i64) -> anyhow::R
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+    // A small read buffer: tungstenite zero-fills the whole buffer (128 KiB by default) on every
+    // read, which with thousands of sockets costs more than everything else the client does.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     let init = serde_json::json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}});
@@ -393,6 +421,18 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User plus system CPU time of a process so far (Linux, from `/proc/<pid>/stat`).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks; 100 per second on Linux.
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 /// The only running `healthd serve` process other than this one, if exactly one.
