@@ -446,8 +446,10 @@ async fn rules_follow_config_then_admin_changes() {
         0
     );
 
-    let mut config = Config::default();
-    config.alerts = json!({"cooldown_hours": 48, "rules": {"score_drop": {"points": 5, "severity": "critical"}}});
+    let config = Config {
+        alerts: json!({"cooldown_hours": 48, "rules": {"score_drop": {"points": 5, "severity": "critical"}}}),
+        ..Config::default()
+    };
     let state = AppState::new(pool.clone(), db.url(), config);
     let schema = healthd::graphql::build_schema(Some(state.clone()));
     let rules = data(

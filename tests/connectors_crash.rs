@@ -1,9 +1,8 @@
 //! A process killed (SIGKILL) in the middle of a large sync: after a restart the instance resumes
 //! from its last committed batch and every row is stored exactly once.
 //!
-//! The killed process is this test binary re-executed to run one sync (the `child_sync` test,
-//! inert unless `HEALTHD_CRASH_CHILD` is set): a real, separate process writing through the real
-//! csv plugin, killed without any chance to clean up.
+//! The killed process is the real `healthd` binary running `healthd sync big` (plugins found next
+//! to it, as for users), killed without any chance to clean up.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,23 +60,8 @@ async fn count(pool: &DbPool, sql: &str) -> i64 {
     r.n
 }
 
-/// The child process: one sync of `big`, then exit. Does nothing in a normal test run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn child_sync() {
-    let Ok(url) = std::env::var("HEALTHD_CRASH_CHILD") else {
-        return;
-    };
-    let pool = healthd::db::connect(&url, 4).await.unwrap();
-    let mut rt = ConnectorRuntime::new(pool, &url, registry());
-    rt.options.rescore = false;
-    let _ = rt.sync_now("big", RunTrigger::Cli, Progress::Silent).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_killed_mid_run_resumes_with_every_row_once() {
-    if std::env::var("HEALTHD_CRASH_CHILD").is_ok() {
-        return;
-    }
     let db = TestDb::new().await;
     let pool = db.pool();
     let dir = tempfile::tempdir().unwrap();
@@ -109,15 +93,22 @@ async fn a_sync_killed_mid_run_resumes_with_every_row_once() {
     .await
     .unwrap();
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let config = dir.path().join("healthd.toml");
+    std::fs::write(
+        &config,
+        format!("database_url = \"{}\"\nbackground_jobs = false\n", db.url()),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_healthd"))
         .args([
-            "--exact",
-            "child_sync",
-            "--nocapture",
-            "--test-threads",
-            "1",
+            "--config",
+            config.to_str().unwrap(),
+            "sync",
+            "big",
+            "--quiet",
         ])
-        .env("HEALTHD_CRASH_CHILD", db.url())
+        .env_remove("HEALTHD_DATABASE_URL")
+        .env_remove("DATABASE_URL")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -105,9 +105,10 @@ async fn admin(schema: &healthd::graphql::HealthdSchema, query: &str, vars: Valu
 }
 
 fn config() -> Config {
-    let mut config = Config::default();
-    config.alerts = json!({"delivery": {"retry_base_secs": 0.2, "retry_max_secs": 0.5, "poll_ms": 100, "timeout_secs": 2}});
-    config
+    Config {
+        alerts: json!({"delivery": {"retry_base_secs": 0.2, "retry_max_secs": 0.5, "poll_ms": 100, "timeout_secs": 2}}),
+        ..Config::default()
+    }
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
