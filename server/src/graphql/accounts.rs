@@ -922,6 +922,16 @@ impl Account {
     // -- Extension point for other domains: one-method delegates to their own modules. --
     // `healthChange(from: DateTime!, to: DateTime)` (scoring) and `alerts: [Alert!]!` (alerts)
     // go here; use `self.0.id` as the account id and batch through a DataLoader of your own.
+
+    /// The account's alerts, newest first: unresolved ones, plus resolved ones with
+    /// `includeResolved: true`.
+    async fn alerts(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = false)] include_resolved: bool,
+    ) -> async_graphql::Result<Vec<super::alerts::Alert>> {
+        super::alerts::account_alerts(ctx, self.0.id, include_resolved).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
