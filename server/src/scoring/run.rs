@@ -1,7 +1,8 @@
 //! Bulk rescoring: load inputs per batch of accounts (one statement), score in Rust, then write the
 //! batch in one transaction with multi-row `UNNEST` statements: `health_current` for every account,
 //! `health_scores` when the score or tier changed or the last history row is a day old, and
-//! `score_changes` (the durable feed) when the score or tier changed. After each commit,
+//! `score_changes` (the durable feed) when the score or tier changed. Writing overlaps loading the
+//! next batch (up to `WRITERS` batches on separate connections). After each commit,
 //! `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
 
 use std::collections::HashMap;
@@ -14,6 +15,16 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::engine::{self, EngineContext, Score};
 use super::inputs::{self, BATCH_SIZE};
+
+/// Batches written at once, each on its own connection and in its own transaction. Two writers
+/// measured no faster on a shared 2-core machine (the writes are CPU-bound in PostgreSQL, which
+/// the loading backend also needs) and doubled the peak RSS, so one: raise it on bigger hosts.
+const WRITERS: usize = 1;
+
+/// Taken (transaction-scoped) right before appending to `score_changes`, so feed rows commit in
+/// id order across concurrent writers and processes: a reader that resumes after the highest id
+/// it saw can never miss a row committed later with a lower id.
+const FEED_LOCK: i64 = 7_368_500_050;
 use super::model::{self, ActiveModels};
 use super::ScoringError;
 use crate::db::DbPool;
@@ -163,65 +174,88 @@ pub async fn rescore_at(
     };
     let mut last_id = i64::MIN;
     let mut chunk_index = 0usize;
-    // Pipelined: while batch k is written on `wconn`, batch k+1 is loaded on `conn`.
-    let mut wconn = pool.get().await?;
-    let mut pending: Option<Vec<Score>> = None;
+    let mut exhausted = false;
+    // Pipelined: while up to WRITERS batches are written, each on its own connection and in its
+    // own transaction, the next ones are loaded on `conn`. Writing is the larger cost, so it gets
+    // the extra backends; writer connections are taken from the pool only when needed.
+    let mut writers = Vec::with_capacity(WRITERS);
+    let mut pending: Vec<Vec<Score>> = Vec::new();
     loop {
-        let ids: Option<Vec<i64>> = match &explicit {
-            Some(all) => {
-                let start = chunk_index * BATCH_SIZE;
-                chunk_index += 1;
-                (start < all.len())
-                    .then(|| all[start..(start + BATCH_SIZE).min(all.len())].to_vec())
-            }
-            None => {
-                let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
-                if let Some(l) = ids.last() {
-                    last_id = *l;
+        let mut id_batches: Vec<Vec<i64>> = Vec::with_capacity(WRITERS);
+        while !exhausted && id_batches.len() < WRITERS {
+            let ids = match &explicit {
+                Some(all) => {
+                    let start = chunk_index * BATCH_SIZE;
+                    chunk_index += 1;
+                    all.get(start..(start + BATCH_SIZE).min(all.len()))
+                        .map(<[i64]>::to_vec)
+                        .unwrap_or_default()
                 }
-                (!ids.is_empty()).then_some(ids)
+                None => {
+                    let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
+                    if let Some(l) = ids.last() {
+                        last_id = *l;
+                    }
+                    ids
+                }
+            };
+            if ids.is_empty() {
+                exhausted = true;
+            } else {
+                id_batches.push(ids);
             }
-        };
+        }
         let load = async {
-            let Some(ids) = &ids else {
-                return Ok::<_, ScoringError>(None);
-            };
-            let phase = Instant::now();
-            let inputs =
-                inputs::load_inputs_at(&mut conn, ids, now, run.support_synced, csat_window)
-                    .await?;
-            Ok(Some((inputs, phase.elapsed().as_millis() as u64)))
+            let mut loaded = Vec::with_capacity(id_batches.len());
+            for ids in &id_batches {
+                let phase = Instant::now();
+                let inputs =
+                    inputs::load_inputs_at(&mut conn, ids, now, run.support_synced, csat_window)
+                        .await?;
+                loaded.push((inputs, phase.elapsed().as_millis() as u64));
+            }
+            Ok::<_, ScoringError>(loaded)
         };
-        let to_write = pending.take();
-        let write = async {
-            let Some(scores) = &to_write else {
-                return Ok::<_, ScoringError>(None);
-            };
-            let phase = Instant::now();
-            let written = write_batch(&mut wconn, scores, now).await?;
-            Ok(Some((written, phase.elapsed().as_millis() as u64)))
-        };
+        let to_write = std::mem::take(&mut pending);
+        while writers.len() < to_write.len() {
+            writers.push(pool.get().await?);
+        }
+        let write = futures_util::future::try_join_all(writers.iter_mut().zip(&to_write).map(
+            |(wconn, scores)| async move {
+                let phase = Instant::now();
+                let written = write_batch(wconn, scores, now).await?;
+                let ms = phase.elapsed().as_millis() as u64;
+                if let Some(max) = written.feed_ids.iter().max().copied() {
+                    notify_score_change(wconn, max).await;
+                }
+                Ok::<_, ScoringError>((written, ms))
+            },
+        ));
         let (loaded, written) = tokio::join!(load, write);
-        if let Some((written, ms)) = written? {
-            summary.write_ms += ms;
+        let written = written?;
+        // Batches are written concurrently: a round costs its slowest writer.
+        summary.write_ms += written.iter().map(|w| w.1).max().unwrap_or(0);
+        for (written, _) in written {
             summary.history_rows += written.history_rows;
             summary.changed_account_ids.extend(written.changed);
-            if let Some(max) = written.feed_ids.iter().max().copied() {
-                notify_score_change(&mut wconn, max).await;
-            }
             summary.feed_ids.extend(written.feed_ids);
         }
-        let Some((inputs, ms)) = loaded? else { break };
-        summary.load_ms += ms;
-        let phase = Instant::now();
-        let (scores, without) = score_batch(&run, &inputs, now);
-        summary.score_ms += phase.elapsed().as_millis() as u64;
-        summary.accounts_without_data += without;
-        summary.accounts_scored += scores.len();
-        versions_used.extend(scores.iter().map(|s| s.model_version));
-        pending = Some(scores);
+        let loaded = loaded?;
+        if loaded.is_empty() {
+            break;
+        }
+        for (inputs, ms) in loaded {
+            summary.load_ms += ms;
+            let phase = Instant::now();
+            let (scores, without) = score_batch(&run, &inputs, now);
+            summary.score_ms += phase.elapsed().as_millis() as u64;
+            summary.accounts_without_data += without;
+            summary.accounts_scored += scores.len();
+            versions_used.extend(scores.iter().map(|s| s.model_version));
+            pending.push(scores);
+        }
     }
-    drop(wconn);
+    drop(writers);
     summary.feed_ids.sort_unstable();
     summary.max_feed_id = summary.feed_ids.last().copied();
     summary.model_versions = versions_used.into_iter().collect();
@@ -460,6 +494,10 @@ async fn write_batch(
 
         let mut feed_ids = Vec::new();
         if !changed.is_empty() {
+            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<BigInt, _>(FEED_LOCK)
+                .execute(conn)
+                .await?;
             let c_ids: Vec<i64> = changed.iter().map(|&i| ids[i]).collect();
             let c_prev: Vec<Option<f64>> = changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.score)).collect();
             let c_score: Vec<f64> = changed.iter().map(|&i| scores[i].score).collect();
