@@ -618,3 +618,89 @@ async fn in_process_server(db: &TestDb, read_buffer: usize) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
+
+/// The npm `graphql-ws` client (what browser apps and the issue's checks use) against the real
+/// server: replay with `after`, then a live change. Skipped when node or npm is unavailable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_npm_graphql_ws_client_replays_and_receives_live_changes() {
+    let dir = healthd::testing::target_dir().join("npm-graphql-ws");
+    let ready = dir.join("node_modules/graphql-ws/package.json").exists()
+        || (std::fs::create_dir_all(&dir).is_ok()
+            && Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--silent",
+                    "graphql-ws@6",
+                    "ws@8",
+                ])
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()));
+    if !ready || Command::new("node").arg("--version").output().is_err() {
+        eprintln!("skipping: node or npm (graphql-ws) unavailable");
+        return;
+    }
+    let script = dir.join("subscribe.mjs");
+    std::fs::write(
+        &script,
+        r#"
+import { createClient } from 'graphql-ws';
+import WebSocket from 'ws';
+const [url, token, after, want] = process.argv.slice(2);
+const client = createClient({
+  url, webSocketImpl: WebSocket, retryAttempts: 0,
+  connectionParams: { authorization: `Bearer ${token}` },
+  on: { connected: () => console.log('connected') },
+});
+let seen = 0;
+client.subscribe(
+  { query: 'subscription($after: ID) { scoreChanged(after: $after) { id score tier account { key } } }', variables: { after } },
+  {
+    next: (msg) => { console.log(JSON.stringify(msg)); if (++seen >= Number(want)) { client.dispose(); process.exit(0); } },
+    error: (err) => { console.error(JSON.stringify(err)); process.exit(2); },
+    complete: () => process.exit(3),
+  },
+);
+setTimeout(() => { console.error('timeout'); process.exit(4); }, 20000);
+"#,
+    )
+    .unwrap();
+
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let acme = account(pool, "acme").await;
+    let viewer = token(db.url(), "viewer");
+    let server = Server::start(db.url());
+    let missed = change(pool, acme, 90.0, 70.0, "healthy").await;
+    let mut node = Command::new("node")
+        .arg(&script)
+        .args([&server.ws("/graphql/ws"), &viewer, "0", "2"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = node.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = |rx: &std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(WAIT)
+            .expect("no output from the graphql-ws client")
+    };
+    assert_eq!(next(&rx), "connected");
+    let replayed: Value = serde_json::from_str(&next(&rx)).unwrap();
+    assert_eq!(replayed["data"]["scoreChanged"]["id"], missed.to_string());
+    let live = change(pool, acme, 70.0, 38.0, "critical").await;
+    let event: Value = serde_json::from_str(&next(&rx)).unwrap();
+    assert_eq!(event["data"]["scoreChanged"]["id"], live.to_string());
+    assert_eq!(event["data"]["scoreChanged"]["tier"], "CRITICAL");
+    assert!(node.wait().unwrap().success());
+}
