@@ -28,7 +28,12 @@ fn create_token(data_dir: &Path, role: &str, name: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    stdout.lines().last().expect("token line").trim().to_string()
+    stdout
+        .lines()
+        .last()
+        .expect("token line")
+        .trim()
+        .to_string()
 }
 
 struct Server {
@@ -70,7 +75,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "healthd did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "healthd did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -135,14 +143,25 @@ async fn serve_with_no_database_configured() {
     );
 
     let server = Server::start(&data_dir);
-    let (status, body) = graphql(&server.base, Some(&admin), "{ accounts(first: 5) { totalCount } }").await;
+    let (status, body) = graphql(
+        &server.base,
+        Some(&admin),
+        "{ accounts(first: 5) { totalCount } }",
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["accounts"]["totalCount"], 0, "{body}");
 
     // No token, and a wrong token: 401 with a GraphQL error body.
     let (status, body) = graphql(&server.base, None, "{ accounts(first: 5) { totalCount } }").await;
     assert_eq!(status, 401);
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("Bearer"), "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Bearer"),
+        "{body}"
+    );
     let (status, _) = graphql(&server.base, Some("hd_not-a-real-token"), "{ me { role } }").await;
     assert_eq!(status, 401);
 
@@ -166,13 +185,38 @@ async fn serve_with_no_database_configured() {
 
     // Operations endpoints.
     let client = reqwest::Client::new();
-    let health = client.get(format!("{}/healthz", server.base)).send().await.unwrap();
+    let health = client
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status().as_u16(), 200);
-    let ready = client.get(format!("{}/readyz", server.base)).send().await.unwrap();
+    let ready = client
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = client.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("healthd_graphql_requests_total"), "{metrics}");
-    let graphiql = client.get(format!("{}/graphql", server.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("healthd_graphql_requests_total"),
+        "{metrics}"
+    );
+    let graphiql = client
+        .get(format!("{}/graphql", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(graphiql.to_lowercase().contains("graphiql"));
 
     // SIGTERM: clean exit and no PostgreSQL left behind.
@@ -200,8 +244,9 @@ fn schema_command_prints_schema_graphql() {
         .output()
         .expect("run healthd schema");
     assert!(out.status.success());
-    let on_disk = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql"))
-        .expect("schema.graphql");
+    let on_disk =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql"))
+            .expect("schema.graphql");
     assert!(
         String::from_utf8(out.stdout).unwrap() == on_disk,
         "`healthd schema` differs from schema.graphql; regenerate it with `cargo run -p healthd -- schema > schema.graphql`"

@@ -12,7 +12,11 @@ use crate::config::{Config, LogFormat};
 use crate::db::embedded::EmbeddedPostgres;
 
 #[derive(Debug, Parser)]
-#[command(name = "healthd", version, about = "Customer health scores from usage, support and billing data")]
+#[command(
+    name = "healthd",
+    version,
+    about = "Customer health scores from usage, support and billing data"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true, env = "HEALTHD_CONFIG")]
@@ -136,7 +140,10 @@ fn parse_role(s: &str) -> Result<Role, String> {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("healthd: cannot start the async runtime: {e}");
@@ -190,7 +197,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await;
             db.close().await;
             let (token, secret) = result?;
-            println!("created {} token `{}` (id {})", token.role, token.name, token.id);
+            println!(
+                "created {} token `{}` (id {})",
+                token.role, token.name, token.id
+            );
             println!("{secret}");
             Ok(())
         }
@@ -233,7 +243,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync { name, quiet } => {
             with_app(config, |state| async move {
                 let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-                let summary = crate::connectors::runner::sync_from_cli(&state, &name, progress).await?;
+                let summary =
+                    crate::connectors::runner::sync_from_cli(&state, &name, progress).await?;
                 println!("{}", summary.render());
                 if !summary.succeeded {
                     anyhow::bail!("sync of `{name}` failed");
@@ -258,7 +269,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Calibrate { lookback_days } => {
             with_app(config, |state| async move {
-                let report = crate::scoring::calibration::calibrate(&state.pool, lookback_days).await?;
+                let report =
+                    crate::scoring::calibration::calibrate(&state.pool, lookback_days).await?;
                 print_calibration(&report);
                 Ok(())
             })
@@ -298,7 +310,10 @@ fn print_calibration(report: &crate::scoring::calibration::CalibrationReport) {
         report.test_size,
         report.test_churned
     );
-    println!("{:<24} {:>12} {:>10} {:>10} {:>9}", "signal", "coefficient", "proposed", "active", "coverage");
+    println!(
+        "{:<24} {:>12} {:>10} {:>10} {:>9}",
+        "signal", "coefficient", "proposed", "active", "coverage"
+    );
     for s in &report.signals {
         println!(
             "{:<24} {:>12.4} {:>10.3} {:>10.3} {:>8.0}%",

@@ -241,6 +241,9 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert_eq!(config.database_url.as_deref(), Some("postgres://healthd-env"));
+        assert_eq!(
+            config.database_url.as_deref(),
+            Some("postgres://healthd-env")
+        );
     }
 }

@@ -18,10 +18,14 @@ pub fn spawn_all(state: &AppState) {
     state
         .tasks
         .spawn(crate::connectors::run_connector_jobs(state.clone()));
-    state.tasks.spawn(crate::scoring::daily::run_daily(state.clone()));
     state
         .tasks
-        .spawn(crate::alerts::evaluate::run_periodic_evaluation(state.clone()));
+        .spawn(crate::scoring::daily::run_daily(state.clone()));
+    state
+        .tasks
+        .spawn(crate::alerts::evaluate::run_periodic_evaluation(
+            state.clone(),
+        ));
     state
         .tasks
         .spawn(crate::webhooks::worker::run_delivery_worker(state.clone()));

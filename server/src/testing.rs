@@ -71,7 +71,9 @@ async fn server() -> &'static Server {
                     };
                     let pg = EmbeddedPostgres::start_with(&dir, options)
                         .await
-                        .unwrap_or_else(|e| panic!("cannot start test PostgreSQL in {}: {e}", dir.display()));
+                        .unwrap_or_else(|e| {
+                            panic!("cannot start test PostgreSQL in {}: {e}", dir.display())
+                        });
                     (pg.database_url("postgres"), Some(pg))
                 }
             };
@@ -91,11 +93,12 @@ async fn server() -> &'static Server {
 /// serialise on an advisory lock.
 async fn ensure_template(admin_url: &str) -> String {
     use diesel::migration::MigrationSource;
-    let versions: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&crate::db::MIGRATIONS)
-        .expect("embedded migrations")
-        .iter()
-        .map(|m| m.name().to_string())
-        .collect();
+    let versions: Vec<String> =
+        MigrationSource::<diesel::pg::Pg>::migrations(&crate::db::MIGRATIONS)
+            .expect("embedded migrations")
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
     let digest = {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -155,11 +158,12 @@ async fn database_exists(conn: &mut AsyncPgConnection, name: &str) -> bool {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         found: bool,
     }
-    let found: Found = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS found")
-        .bind::<diesel::sql_types::Text, _>(name)
-        .get_result(conn)
-        .await
-        .expect("query pg_database");
+    let found: Found =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS found")
+            .bind::<diesel::sql_types::Text, _>(name)
+            .get_result(conn)
+            .await
+            .expect("query pg_database");
     found.found
 }
 
@@ -181,9 +185,12 @@ impl TestDb {
         // nothing connects to it after it is built, but retry briefly to be safe.
         let mut attempt = 0;
         loop {
-            match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {}", server.template))
-                .execute(&mut conn)
-                .await
+            match diesel::sql_query(format!(
+                "CREATE DATABASE {name} TEMPLATE {}",
+                server.template
+            ))
+            .execute(&mut conn)
+            .await
             {
                 Ok(_) => break,
                 Err(e) if attempt < 20 => {
@@ -223,7 +230,8 @@ impl Drop for TestDb {
         let _ = std::thread::spawn(move || {
             use diesel::Connection;
             if let Ok(mut conn) = diesel::PgConnection::establish(&admin_url) {
-                let drop = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                let drop =
+                    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
                 let _ = diesel::RunQueryDsl::execute(drop, &mut conn);
             }
         })

@@ -2,7 +2,7 @@
 
 pub mod tokens;
 
-pub use tokens::{create_token, authenticate, ApiToken, TokenError};
+pub use tokens::{authenticate, create_token, ApiToken, TokenError};
 
 use async_graphql::{Context, ErrorExtensions};
 

@@ -50,7 +50,11 @@ fn generate() -> String {
 }
 
 /// Creates a token and returns it in clear text: the only time it is ever visible.
-pub async fn create_token(pool: &DbPool, name: &str, role: Role) -> Result<(ApiToken, String), TokenError> {
+pub async fn create_token(
+    pool: &DbPool,
+    name: &str,
+    role: Role,
+) -> Result<(ApiToken, String), TokenError> {
     let name = name.trim();
     if name.is_empty() {
         return Err(TokenError::EmptyName);

@@ -64,9 +64,9 @@ pub async fn run_migrations(url: &str) -> Result<Vec<String>, DbError> {
 
 /// True when the database answers and has every embedded migration applied (for `/readyz`).
 pub async fn schema_is_current(pool: &DbPool) -> Result<bool, DbError> {
+    use diesel::migration::MigrationSource;
     use diesel::QueryableByName;
     use diesel_async::RunQueryDsl;
-    use diesel::migration::MigrationSource;
 
     #[derive(QueryableByName)]
     struct Applied {

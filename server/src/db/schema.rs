@@ -304,4 +304,3 @@ diesel::allow_tables_to_appear_in_same_query!(
     webhook_deliveries,
     webhooks,
 );
-

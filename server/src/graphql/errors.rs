@@ -7,8 +7,10 @@ pub fn internal(err: impl std::fmt::Display) -> async_graphql::Error {
     let reference = uuid::Uuid::new_v4().simple().to_string();
     let reference = &reference[..12];
     tracing::error!(error = %err, reference, "request failed");
-    async_graphql::Error::new(format!("internal error (reference {reference}); see the server log"))
-        .extend_with(|_, e| e.set("code", "INTERNAL"))
+    async_graphql::Error::new(format!(
+        "internal error (reference {reference}); see the server log"
+    ))
+    .extend_with(|_, e| e.set("code", "INTERNAL"))
 }
 
 /// A client mistake: the message is shown as is.

@@ -39,9 +39,13 @@ pub fn build_schema(state: Option<AppState>) -> HealthdSchema {
         .as_ref()
         .map(|s| s.config.limits.clone())
         .unwrap_or_default();
-    let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription::default())
-        .limit_depth(limits.max_query_depth)
-        .limit_complexity(limits.max_query_complexity);
+    let mut builder = Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+    .limit_depth(limits.max_query_depth)
+    .limit_complexity(limits.max_query_complexity);
     if let Some(state) = state {
         builder = builder.data(state.pool.clone()).data(state);
     }

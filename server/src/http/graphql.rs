@@ -14,7 +14,10 @@ use super::HttpState;
 use crate::auth::{self, Viewer};
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     bearer_from_str(value)
 }
 
@@ -60,7 +63,11 @@ async fn authenticate(state: &HttpState, token: Option<String>) -> Result<Viewer
     }
 }
 
-pub async fn execute(State(state): State<HttpState>, headers: HeaderMap, request: GraphQLRequest) -> Response {
+pub async fn execute(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    request: GraphQLRequest,
+) -> Response {
     let viewer = match authenticate(&state, bearer(&headers)).await {
         Ok(viewer) => viewer,
         Err(response) => return response,
@@ -73,7 +80,11 @@ pub async fn execute(State(state): State<HttpState>, headers: HeaderMap, request
     let request = crate::graphql::loaders::attach(request.data(viewer), &state.app.pool);
     let started = Instant::now();
     let response = state.schema.execute(request).await;
-    let outcome = if response.errors.is_empty() { "ok" } else { "error" };
+    let outcome = if response.errors.is_empty() {
+        "ok"
+    } else {
+        "error"
+    };
     metrics::counter!("healthd_graphql_requests_total", "operation" => operation.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!("healthd_graphql_request_duration_seconds", "operation" => operation)
         .record(started.elapsed().as_secs_f64());
@@ -99,7 +110,10 @@ pub async fn graphiql_or_websocket(
     .into_response()
 }
 
-pub async fn websocket(State(state): State<HttpState>, request: axum::extract::Request) -> Response {
+pub async fn websocket(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+) -> Response {
     let (mut parts, _body) = request.into_parts();
     websocket_from_parts(state, &mut parts).await
 }
