@@ -188,9 +188,10 @@ impl<'a> SyncContext<'a> {
 
     /// Sends records to the host with the cursor that is true once they are saved
     /// (`None` keeps the previous cursor). Rejections recorded with [`SyncContext::reject`] since
-    /// the last emit travel in the same batch. The host saves everything in one transaction
-    /// before this returns, so after a crash the next run starts from the last cursor that was
-    /// saved together with its records.
+    /// the last emit travel in the same batch. The host saves batches in order, each with its
+    /// cursor in one transaction (it may still be saving this one when `emit` returns; a failed
+    /// save fails the next `emit` or the run), so after a crash the next run starts from the last
+    /// cursor that was saved together with its records.
     ///
     /// Keep batches to a few thousand records. An error means the host did not save the batch
     /// (cancelled, database failure): return it from `sync`.
