@@ -517,3 +517,47 @@ async fn rules_follow_config_then_admin_changes() {
     .unwrap_err();
     assert!(err.to_string().contains("points"), "{err}");
 }
+
+/// Timing of a full evaluation (not part of the suite):
+/// `HEALTHD_ALERT_BENCH_ACCOUNTS=100000 cargo test --release -p healthd --test alerts -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn full_evaluation_timing() {
+    let n: i64 = std::env::var("HEALTHD_ALERT_BENCH_ACCOUNTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    exec(pool, &format!(
+        "INSERT INTO accounts (key, name, owner, renewal_date) \
+           SELECT 'acct-' || g, 'Account ' || g, 'owner-' || (g % 20), current_date + (g % 365)::int FROM generate_series(1, {n}) g; \
+         INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals) \
+           SELECT id, now(), 30 + (id % 70), CASE WHEN 30 + (id % 70) >= 70 THEN 'healthy' WHEN 30 + (id % 70) >= 40 THEN 'at_risk' ELSE 'critical' END, 1, \
+                  '[{{\"key\":\"login_recency\",\"impact\":12,\"explanation\":\"No login in 9 days\"}}]' FROM accounts; \
+         INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
+           SELECT id, now() - interval '2 days', 80, 'healthy', 1, '[]' FROM accounts; \
+         INSERT INTO usage_daily (account_id, day, user_id, event, events) \
+           SELECT a.id, current_date - d, 'u1', 'login', 1 FROM accounts a, generate_series(0, 29, 3) d WHERE a.id % 10 <> 0; \
+         INSERT INTO usage_daily (account_id, day, user_id, event, events) \
+           SELECT a.id, current_date - 40, 'u1', 'page_view', 3 FROM accounts a WHERE a.id % 10 = 0; \
+         INSERT INTO invoices (account_id, source, invoice_id, amount, due_date, status) \
+           SELECT id, 'b', 'i' || id, 100, current_date - (id % 60)::int, CASE WHEN id % 7 = 0 THEN 'open' ELSE 'paid' END FROM accounts; \
+         INSERT INTO support_tickets (account_id, source, ticket_id, priority, status, opened_at) \
+           SELECT id, 's', 't' || id, CASE WHEN id % 9 = 0 THEN 'urgent' ELSE 'normal' END, 'open', now() - (id % 5) * interval '1 day' FROM accounts; \
+         ANALYZE"
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let first = alerts::evaluate(pool, &AlertScope::All).await.unwrap();
+    let first_time = started.elapsed();
+    let started = std::time::Instant::now();
+    let again = alerts::evaluate(pool, &AlertScope::All).await.unwrap();
+    println!(
+        "{n} accounts: first evaluation {:.2} s ({} raised), steady state {:.2} s ({} raised)",
+        first_time.as_secs_f64(),
+        first.raised,
+        started.elapsed().as_secs_f64(),
+        again.raised
+    );
+}

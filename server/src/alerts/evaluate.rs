@@ -233,9 +233,27 @@ pub async fn evaluate_with(
     scope: &AlertScope,
     file: Option<&serde_json::Value>,
 ) -> Result<EvaluationSummary, AlertError> {
+    Ok(evaluate_inner(pool, scope, file, false)
+        .await?
+        .unwrap_or_default())
+}
+
+/// With `exclusive`, gives up (`None`) when another evaluation holds the periodic lock; the lock
+/// is transaction-scoped, so a cancelled evaluation never leaves it held.
+async fn evaluate_inner(
+    pool: &DbPool,
+    scope: &AlertScope,
+    file: Option<&serde_json::Value>,
+    exclusive: bool,
+) -> Result<Option<EvaluationSummary>, AlertError> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        locked: bool,
+    }
     if let AlertScope::Accounts(ids) = scope {
         if ids.is_empty() {
-            return Ok(EvaluationSummary::default());
+            return Ok(Some(EvaluationSummary::default()));
         }
     }
     let settings = rules::load(pool, file).await?.to_sql_json();
@@ -256,6 +274,15 @@ pub async fn evaluate_with(
     let all = matches!(scope, AlertScope::All);
     let summary = conn
         .transaction::<_, diesel::result::Error, _>(async |conn| {
+            if exclusive {
+                let got: Locked =
+                    diesel::sql_query("SELECT pg_try_advisory_xact_lock(7368500043) AS locked")
+                        .get_result(conn)
+                        .await?;
+                if !got.locked {
+                    return Ok(None);
+                }
+            }
             let reopened = if all {
                 diesel::sql_query(wake_sql).execute(conn).await?
             } else {
@@ -277,9 +304,12 @@ pub async fn evaluate_with(
                     .await?
             };
             summary.reopened = reopened as i64;
-            Ok(summary)
+            Ok(Some(summary))
         })
         .await?;
+    let Some(summary) = summary else {
+        return Ok(None);
+    };
     metrics::counter!("healthd_alerts_raised_total").increment(summary.raised as u64);
     metrics::counter!("healthd_alerts_resolved_total").increment(summary.resolved as u64);
     metrics::histogram!("healthd_alert_evaluation_seconds").record(started.elapsed().as_secs_f64());
@@ -291,7 +321,7 @@ pub async fn evaluate_with(
             "alert rules evaluated"
         );
     }
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// Background job: evaluates every account every `evaluate_every_minutes` (default 15), for the
@@ -325,21 +355,5 @@ async fn try_locked_evaluation(
     pool: &DbPool,
     file: &serde_json::Value,
 ) -> Result<Option<EvaluationSummary>, AlertError> {
-    #[derive(QueryableByName)]
-    struct Locked {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        locked: bool,
-    }
-    let mut conn = pool.get().await.map_err(DbError::from)?;
-    let got: Locked = diesel::sql_query("SELECT pg_try_advisory_lock(7368500043) AS locked")
-        .get_result(&mut conn)
-        .await?;
-    if !got.locked {
-        return Ok(None);
-    }
-    let result = evaluate_with(pool, &AlertScope::All, Some(file)).await;
-    let _ = diesel::sql_query("SELECT pg_advisory_unlock(7368500043)")
-        .execute(&mut conn)
-        .await;
-    result.map(Some)
+    evaluate_inner(pool, &AlertScope::All, Some(file), true).await
 }
