@@ -280,7 +280,8 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// Writes all outcomes of a round in one transaction (two set-based statements). A row whose
-/// attempt number moved on (its lease expired and another worker took it) is left alone.
+/// attempt number moved on (its lease expired and another worker took it) is left alone, and the
+/// log skips deliveries whose receiver was deleted meanwhile.
 async fn record(
     pool: &DbPool,
     settings: &DeliverySettings,
@@ -317,7 +318,9 @@ async fn record(
         .await?;
         diesel::sql_query(
             "INSERT INTO webhook_delivery_attempts (delivery_id, attempt, response_status, error, duration_ms) \
-             SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::int[]) \
+             SELECT r.* FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::int[]) \
+                 AS r(delivery_id, attempt, response_status, error, duration_ms) \
+             WHERE EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.id = r.delivery_id) \
              ON CONFLICT (delivery_id, attempt) DO NOTHING",
         )
         .bind::<Array<BigInt>, _>(&ids)
