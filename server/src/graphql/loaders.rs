@@ -65,7 +65,9 @@ const MAX_BATCH: usize = 10_000;
 
 /// Attaches this request's loaders.
 pub fn attach(request: Request, pool: &DbPool) -> Request {
-    request.data(new_loader(pool))
+    request
+        .data(new_loader(pool))
+        .data(crate::graphql::alerts::new_alerts_loader(pool))
 }
 
 fn new_loader(pool: &DbPool) -> Arc<AccountDataLoader> {

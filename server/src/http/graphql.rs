@@ -130,6 +130,9 @@ async fn websocket_from_parts(state: HttpState, parts: &mut Parts) -> Response {
     let header_token = bearer(&parts.headers);
     let schema = state.schema.clone();
     upgrade
+        // tungstenite zero-fills its read buffer on every read: 128 KiB per connection per event
+        // dominated CPU with thousands of subscribers; their messages are small.
+        .read_buffer_size(8 * 1024)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
             let init_state = state.clone();
