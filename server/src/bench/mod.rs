@@ -1,4 +1,4 @@
-//! Benchmark commands (being written).
+//! Benchmark commands (`healthd bench …`); small runs of each are part of the test suite.
 
 pub mod ingest;
 pub mod scoring;
