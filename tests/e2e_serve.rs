@@ -2,38 +2,21 @@
 //! own PostgreSQL, hands out tokens, answers authenticated GraphQL, refuses anonymous requests,
 //! keeps its data across restarts and leaves no PostgreSQL behind on SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+#[path = "support/process.rs"]
+mod process;
+
 fn healthd(data_dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_healthd"));
-    cmd.env_remove("DATABASE_URL")
-        .env_remove("HEALTHD_DATABASE_URL")
-        .env_remove("HEALTHD_CONFIG")
-        .env("HEALTHD_DATA_DIR", data_dir)
-        .env("HEALTHD_LOG", "warn");
+    let mut cmd = process::healthd();
+    cmd.env("HEALTHD_DATA_DIR", data_dir);
     cmd
 }
 
 fn create_token(data_dir: &Path, role: &str, name: &str) -> String {
-    let out = healthd(data_dir)
-        .args(["token", "create", "--role", role, "--name", name])
-        .output()
-        .expect("run healthd token create");
-    assert!(
-        out.status.success(),
-        "token create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    stdout
-        .lines()
-        .last()
-        .expect("token line")
-        .trim()
-        .to_string()
+    process::create_token(healthd(data_dir), role, name)
 }
 
 struct Server {
@@ -43,24 +26,7 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path) -> Server {
-        let mut child = healthd(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn healthd serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("healthd listening on ") {
-                    let _ = tx.send(rest.trim_end_matches("/graphql").to_string());
-                }
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(90))
-            .expect("healthd serve did not report its address in time");
+        let (child, base) = process::spawn_serve(healthd(data_dir), Duration::from_secs(90));
         Server { child, base }
     }
 

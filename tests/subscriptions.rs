@@ -16,40 +16,18 @@ use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+#[path = "support/process.rs"]
+mod process;
+
 fn healthd(db_url: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_healthd"));
-    cmd.env_remove("DATABASE_URL")
-        .env_remove("HEALTHD_CONFIG")
-        .env("HEALTHD_DATABASE_URL", db_url)
-        .env("HEALTHD_BACKGROUND_JOBS", "false")
-        .env("HEALTHD_LOG", "warn");
+    let mut cmd = process::healthd();
+    cmd.env("HEALTHD_DATABASE_URL", db_url)
+        .env("HEALTHD_BACKGROUND_JOBS", "false");
     cmd
 }
 
 fn token(db_url: &str, role: &str) -> String {
-    let out = healthd(db_url)
-        .args([
-            "token",
-            "create",
-            "--role",
-            role,
-            "--name",
-            &format!("{role}-sub-test"),
-        ])
-        .output()
-        .expect("run healthd token create");
-    assert!(
-        out.status.success(),
-        "token create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
+    process::create_token(healthd(db_url), role, &format!("{role}-sub-test"))
 }
 
 struct Server {
@@ -60,24 +38,7 @@ struct Server {
 
 impl Server {
     fn start(db_url: &str) -> Server {
-        let mut child = healthd(db_url)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn healthd serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("healthd listening on ") {
-                    let _ = tx.send(rest.trim_end_matches("/graphql").to_string());
-                }
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("healthd did not report its address");
+        let (child, base) = process::spawn_serve(healthd(db_url), Duration::from_secs(60));
         Server { child, base }
     }
 
