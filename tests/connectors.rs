@@ -2,8 +2,7 @@
 //! idempotency, rejections, batch+cursor atomicity, exactly-once scheduling, retry backoff,
 //! timeouts, identity mapping.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -19,45 +18,11 @@ use healthd::plugins::PluginRegistry;
 use healthd::testing::TestDb;
 use serde_json::json;
 
-fn profile_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_healthd"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+#[path = "support/plugin_libs.rs"]
+#[allow(dead_code)]
+mod plugin_libs;
 
-fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn cargo_build(args: &[&str], target_dir: Option<&Path>) {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.arg("build")
-        .arg("--quiet")
-        .args(args)
-        .current_dir(workspace_dir());
-    if let Some(t) = target_dir {
-        cmd.env("CARGO_TARGET_DIR", t);
-    }
-    if profile_dir().file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().expect("run cargo").success(),
-        "cargo build {args:?} failed"
-    );
-}
-
-fn lib(dir: &Path, stem: &str) -> PathBuf {
-    dir.join(format!(
-        "{}{stem}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
-}
+use plugin_libs::{cargo_build, lib_path as lib, profile_dir, registry_of, workspace_dir};
 
 /// The real csv and synthetic connectors plus the `hanging` fixture, built once per process.
 fn registry() -> Arc<PluginRegistry> {
@@ -79,19 +44,11 @@ fn registry() -> Arc<PluginRegistry> {
                 Some(&fixtures),
             );
             let fixtures = fixtures.join(profile_dir().file_name().unwrap());
-            let mut r = PluginRegistry::new();
-            for path in [
+            Arc::new(registry_of(&[
                 lib(&profile_dir(), "healthd_connector_csv"),
                 lib(&profile_dir(), "healthd_connector_synthetic"),
                 lib(&fixtures, "fixture_hanging"),
-            ] {
-                assert!(
-                    PluginRegistry::load(&mut r, &path).is_some(),
-                    "cannot load {}",
-                    path.display()
-                );
-            }
-            Arc::new(r)
+            ]))
         })
         .clone()
 }

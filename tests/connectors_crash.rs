@@ -4,7 +4,6 @@
 //! The killed process is the real `healthd` binary running `healthd sync big` (plugins found next
 //! to it, as for users), killed without any chance to clean up.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,29 +22,12 @@ use serde_json::json;
 
 const ROWS: usize = 200_000;
 
-fn profile_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_healthd"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+#[path = "support/plugin_libs.rs"]
+#[allow(dead_code)]
+mod plugin_libs;
 
 fn registry() -> Arc<PluginRegistry> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", "healthd-connector-csv"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap());
-    if profile_dir().file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().unwrap().success());
-    let mut r = PluginRegistry::new();
-    let lib = profile_dir().join(format!(
-        "{}healthd_connector_csv{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    assert!(PluginRegistry::load(&mut r, &lib).is_some());
-    Arc::new(r)
+    Arc::new(plugin_libs::csv_registry())
 }
 
 #[derive(QueryableByName)]

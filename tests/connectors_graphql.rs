@@ -1,9 +1,6 @@
 //! The connectors GraphQL API: plugins, instance CRUD, runs with rejections, sync now, identity
 //! mapping, and who may do what.
 
-use std::path::Path;
-use std::process::Command;
-
 use async_graphql::{Request, Variables};
 use healthd::app::AppState;
 use healthd::auth::{Role, Viewer};
@@ -13,23 +10,12 @@ use healthd::plugins::PluginRegistry;
 use healthd::testing::TestDb;
 use serde_json::{json, Value};
 
+#[path = "support/plugin_libs.rs"]
+#[allow(dead_code)]
+mod plugin_libs;
+
 fn csv_plugin() -> PluginRegistry {
-    let profile = Path::new(env!("CARGO_BIN_EXE_healthd")).parent().unwrap();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", "healthd-connector-csv"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap());
-    if profile.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().unwrap().success());
-    let mut r = PluginRegistry::new();
-    let lib = profile.join(format!(
-        "{}healthd_connector_csv{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    assert!(PluginRegistry::load(&mut r, &lib).is_some());
-    r
+    plugin_libs::csv_registry()
 }
 
 struct Api {

@@ -13,20 +13,11 @@ use healthd::plugins::{
 };
 use serde_json::json;
 
-/// target/<profile>, where cargo puts the healthd binary and the workspace's connector libraries.
-fn profile_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_healthd"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+#[path = "support/plugin_libs.rs"]
+#[allow(dead_code)]
+mod plugin_libs;
 
-fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use plugin_libs::{profile_dir, workspace_dir};
 
 fn cargo(args: &[&str], target_dir: Option<&Path>) {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -151,11 +142,9 @@ fn fixtures_dir() -> &'static Path {
 }
 
 fn lib_name(stem: &str) -> String {
-    format!(
-        "{}{stem}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    )
+    plugin_libs::lib_path(Path::new(""), stem)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn connector(name: &str) -> LoadedPlugin {
