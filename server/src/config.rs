@@ -30,7 +30,8 @@ pub struct Config {
     pub listen: String,
     /// `human` (default) or `json` log lines.
     pub log_format: LogFormat,
-    /// Extra directories searched for connector plugins (the executable's own directory is always searched).
+    /// Extra directories searched for connector plugins; `HEALTHD_PLUGIN_DIR` and the executable's
+    /// own directory are added by `plugins::discovery::plugin_dirs`.
     pub plugin_dirs: Vec<PathBuf>,
     /// Connections per healthd process.
     pub pool_size: u32,
@@ -176,10 +177,6 @@ impl Config {
         }
         if let Some(listen) = non_empty("HEALTHD_LISTEN") {
             self.listen = listen;
-        }
-        if let Some(dirs) = non_empty("HEALTHD_PLUGIN_DIR") {
-            self.plugin_dirs
-                .extend(std::env::split_paths(&dirs).filter(|p| !p.as_os_str().is_empty()));
         }
         if let Some(format) = non_empty("HEALTHD_LOG_FORMAT") {
             self.log_format = match format.to_ascii_lowercase().as_str() {
