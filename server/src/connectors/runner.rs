@@ -315,6 +315,20 @@ impl ConnectorRuntime {
             duration: started.elapsed(),
             accounts_touched: totals.accounts.len(),
         };
+        let status = if summary.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        let connector = summary.connector.clone();
+        metrics::counter!("healthd_connector_runs_total", "connector" => connector.clone(), "status" => status)
+            .increment(1);
+        metrics::counter!("healthd_connector_records_ingested_total", "connector" => connector.clone())
+            .increment(summary.records_ingested);
+        metrics::counter!("healthd_connector_records_rejected_total", "connector" => connector.clone())
+            .increment(summary.records_rejected);
+        metrics::histogram!("healthd_connector_run_seconds", "connector" => connector)
+            .record(summary.duration.as_secs_f64());
         match &summary.error {
             None => tracing::info!(
                 connector = %summary.connector,
