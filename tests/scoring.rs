@@ -3,7 +3,7 @@
 //! of the benchmark.
 
 use chrono::{DateTime, Duration, Utc};
-use diesel::sql_types::{BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Bool, Double, Integer, Json, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use healthd::db::DbPool;
@@ -120,7 +120,7 @@ struct Current {
     stale: bool,
     #[diesel(sql_type = Integer)]
     model_version: i32,
-    #[diesel(sql_type = Jsonb)]
+    #[diesel(sql_type = Json)]
     signals: serde_json::Value,
     #[diesel(sql_type = Nullable<Double>)]
     previous_score: Option<f64>,
@@ -357,22 +357,28 @@ async fn accounts_with_known_health_score_as_expected_with_reasons() {
         .unwrap();
     assert!(last_troubled < first_healthy, "{order:?}");
 
-    // Every stored entry has the contract's keys.
+    // Every stored entry has the contract's keys, and only those that cannot be derived: the read
+    // API adds the label from the key.
     for s in &quiet.signals.as_array().unwrap().clone() {
         for k in [
             "key",
-            "label",
             "value",
             "score",
             "weight",
             "contribution",
             "impact",
             "explanation",
-            "missing",
         ] {
             assert!(s.get(k).is_some(), "signal entry lacks {k}: {s}");
         }
+        for k in ["label", "source", "configured_weight", "details"] {
+            assert!(s.get(k).is_none(), "signal entry stores derivable {k}: {s}");
+        }
     }
+    let read = healthd::accounts::health::parse_signals(&quiet.signals);
+    let login = read.iter().find(|s| s.key == "login_recency").unwrap();
+    assert_eq!(login.label, "Login recency");
+    assert!(!login.missing && login.contribution + login.impact > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -531,8 +537,8 @@ async fn history_on_change_and_daily_with_feed_rows() {
         previous_score: Option<f64>,
         #[diesel(sql_type = Double)]
         score: f64,
-        #[diesel(sql_type = Jsonb)]
-        drivers: serde_json::Value,
+        #[diesel(sql_type = Nullable<Json>)]
+        drivers: Option<serde_json::Value>,
         #[diesel(sql_type = Bool)]
         has_history: bool,
     }
@@ -552,14 +558,20 @@ async fn history_on_change_and_daily_with_feed_rows() {
         feed.has_history,
         "feed row and history row are written together"
     );
+    // The feed reader derives the drivers from the history row written with the change.
+    let read = healthd::feed::score_changes_after(pool, changed.feed_ids[0] - 1, 1)
+        .await
+        .unwrap();
+    assert_eq!(read[0].id, changed.feed_ids[0]);
     assert!(
-        feed.drivers[0]["explanation"]
+        read[0].drivers[0]["explanation"]
             .as_str()
             .unwrap()
             .contains("3 urgent tickets open"),
         "{}",
-        feed.drivers
+        read[0].drivers
     );
+    assert!(feed.drivers.is_none(), "not stored a second time");
 
     // healthChange says which signal cost the points.
     let change = healthd::scoring::health_change(pool, moving, now + Duration::minutes(30), None)

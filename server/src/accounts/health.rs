@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Json, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 use serde::Deserialize;
@@ -49,7 +49,8 @@ where
 }
 
 /// Parses a stored `signals` value; entries that are not objects of the expected shape are skipped
-/// (and logged) rather than failing the whole score.
+/// (and logged) rather than failing the whole score. The label, not stored since it follows from the
+/// key, is filled in here.
 pub fn parse_signals(value: &serde_json::Value) -> Vec<Signal> {
     let Some(items) = value.as_array() else {
         tracing::warn!("stored signals are not a JSON array; shown as none");
@@ -58,7 +59,12 @@ pub fn parse_signals(value: &serde_json::Value) -> Vec<Signal> {
     items
         .iter()
         .filter_map(|item| match Signal::deserialize(item) {
-            Ok(s) => Some(s),
+            Ok(mut s) => {
+                if s.label.is_empty() {
+                    s.label = crate::scoring::breakdown::label_for(&s.key);
+                }
+                Some(s)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "skipping a stored signal that does not parse");
                 None
@@ -110,7 +116,7 @@ struct HealthRow {
     stale: bool,
     #[diesel(sql_type = Integer)]
     model_version: i32,
-    #[diesel(sql_type = Jsonb)]
+    #[diesel(sql_type = Json)]
     signals: serde_json::Value,
     #[diesel(sql_type = Nullable<Double>)]
     previous_score: Option<f64>,
@@ -255,7 +261,7 @@ mod tests {
         assert_eq!(signals.len(), 4);
         assert_eq!(signals[0].value, Some(21.0));
         assert!(signals[1].missing && signals[1].score.is_none());
-        assert_eq!(signals[2].label, "");
+        assert_eq!(signals[2].label, "Support load", "derived from the key");
         let d: Vec<String> = drivers(&signals).into_iter().map(|s| s.key).collect();
         assert_eq!(d, ["freshness:usage", "login_recency", "support"]);
         assert!(parse_signals(&serde_json::json!({"a": 1})).is_empty());

@@ -51,13 +51,13 @@ facts AS (
     LEFT JOIN health_current hc ON hc.account_id = sc.id
     -- The score's drivers (signals that cost points), worst first; the top three explain the alert.
     LEFT JOIN LATERAL (
-        SELECT jsonb_agg(d.s ORDER BY d.impact DESC) AS drivers,
+        SELECT jsonb_agg(d.s::jsonb ORDER BY d.impact DESC) AS drivers,
                string_agg(d.s ->> 'explanation', '; ' ORDER BY d.impact DESC) FILTER (WHERE d.rn <= 3) AS why
         FROM (
             SELECT x.s, (x.s ->> 'impact')::float8 AS impact,
                    row_number() OVER (ORDER BY (x.s ->> 'impact')::float8 DESC) AS rn
-            FROM jsonb_array_elements(CASE WHEN jsonb_typeof(hc.signals) = 'array' THEN hc.signals ELSE '[]'::jsonb END) AS x(s)
-            WHERE jsonb_typeof(x.s -> 'impact') = 'number' AND (x.s ->> 'impact')::float8 > 0
+            FROM json_array_elements(CASE WHEN json_typeof(hc.signals) = 'array' THEN hc.signals ELSE '[]'::json END) AS x(s)
+            WHERE json_typeof(x.s -> 'impact') = 'number' AND (x.s ->> 'impact')::float8 > 0
         ) d
     ) drv ON true
     -- Highest score within the score_drop window (history rows and the feed's previous scores).

@@ -130,7 +130,7 @@ diesel::table! {
         tier -> Text,
         stale -> Bool,
         model_version -> Int4,
-        signals -> Jsonb,
+        signals -> Json,
         previous_score -> Nullable<Float8>,
         score_change -> Float8,
     }
@@ -144,7 +144,7 @@ diesel::table! {
         tier -> Text,
         stale -> Bool,
         model_version -> Int4,
-        signals -> Jsonb,
+        signals -> Json,
     }
 }
 
@@ -170,7 +170,7 @@ diesel::table! {
         score -> Float8,
         previous_tier -> Nullable<Text>,
         tier -> Text,
-        drivers -> Jsonb,
+        drivers -> Nullable<Json>,
         changed_at -> Timestamptz,
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Double, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Double, Json, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 
@@ -28,7 +28,9 @@ pub struct ScoreChangeRow {
     pub previous_tier: Option<String>,
     #[diesel(sql_type = Text)]
     pub tier: String,
-    #[diesel(sql_type = Jsonb)]
+    /// Stored with the change by earlier versions; otherwise derived from the history row written
+    /// with it (see migration 000060).
+    #[diesel(sql_type = Json)]
     pub drivers: serde_json::Value,
     #[diesel(sql_type = Timestamptz)]
     pub changed_at: DateTime<Utc>,
@@ -52,8 +54,10 @@ pub async fn score_changes_after(
     let rows = diesel::sql_query(
         "SELECT sc.id, sc.account_id, coalesce(a.key, '#' || sc.account_id) AS account_key, \
                 coalesce(a.name, '(deleted account)') AS account_name, sc.previous_score, sc.score, \
-                sc.previous_tier, sc.tier, sc.drivers, sc.changed_at \
+                sc.previous_tier, sc.tier, \
+                coalesce(sc.drivers, healthd_breakdown_drivers(hs.signals), '[]'::json) AS drivers, sc.changed_at \
          FROM score_changes sc LEFT JOIN accounts a ON a.id = sc.account_id \
+         LEFT JOIN health_scores hs ON hs.account_id = sc.account_id AND hs.computed_at = sc.changed_at \
          WHERE sc.id > $1 ORDER BY sc.id LIMIT $2",
     )
     .bind::<BigInt, _>(after)

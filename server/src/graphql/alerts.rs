@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_graphql::{Context, Enum, InputObject, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 
-use crate::accounts::health::Signal;
+use crate::accounts::health::parse_signals;
 use crate::alerts::store::{
     self as alert_store, AlertFilterSpec, AlertRow, AlertStatus as StoredStatus,
 };
@@ -64,14 +64,12 @@ fn alerts_config<'a>(ctx: &Context<'a>) -> Option<&'a serde_json::Value> {
     ctx.data_opt::<AppState>().map(|s| &s.config.alerts)
 }
 
+/// Drivers stored with a score change or an alert, in the stored breakdown form.
 fn signals(drivers: &serde_json::Value) -> Vec<SignalScore> {
-    match serde_json::from_value::<Vec<Signal>>(drivers.clone()) {
-        Ok(list) => list.iter().map(SignalScore::from).collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "unreadable drivers JSON");
-            Vec::new()
-        }
-    }
+    parse_signals(drivers)
+        .iter()
+        .map(SignalScore::from)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,15 +10,16 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Timestamptz};
+use diesel::sql_types::{BigInt, Double, Integer, Json, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 
-use super::engine::{score_account, SignalScore};
+use super::engine::score_account;
 use super::model;
 use super::run::run_context;
 use super::signals::SignalKey;
 use super::{inputs, ScoringError};
+use crate::accounts::health::parse_signals;
 use crate::db::DbPool;
 
 /// The change of an account's score between two moments.
@@ -74,19 +75,8 @@ struct Row {
     score: f64,
     #[diesel(sql_type = Integer)]
     model_version: i32,
-    #[diesel(sql_type = Jsonb)]
+    #[diesel(sql_type = Json)]
     signals: serde_json::Value,
-}
-
-fn parse_signals(v: serde_json::Value) -> Vec<SignalScore> {
-    // Tolerant: an entry the current code cannot read is skipped rather than failing the diff.
-    match v {
-        serde_json::Value::Array(items) => items
-            .into_iter()
-            .filter_map(|i| serde_json::from_value(i).ok())
-            .collect(),
-        _ => Vec::new(),
-    }
 }
 
 fn fmt_points(x: f64) -> String {
@@ -163,8 +153,8 @@ pub async fn health_change(
         return Ok(None);
     };
 
-    let sig_from = parse_signals(from_row.signals);
-    let sig_to = parse_signals(to_row.signals);
+    let sig_from = parse_signals(&from_row.signals);
+    let sig_to = parse_signals(&to_row.signals);
     let delta = round1(to_row.score - from_row.score);
     let model_changed = from_row.model_version != to_row.model_version;
 

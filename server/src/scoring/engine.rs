@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::breakdown;
 use super::model::{ModelConfig, OverrideCondition, ScoringModel};
 use super::signals::{self, money, AccountInputs, SignalEval, SignalKey, SourceKind};
 
@@ -66,6 +67,8 @@ pub struct EngineContext {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SignalScore {
     pub key: String,
+    /// Not stored (it follows from the key, see `breakdown::label_for`).
+    #[serde(default)]
     pub label: String,
     pub value: f64,
     pub score: f64,
@@ -76,6 +79,8 @@ pub struct SignalScore {
     /// Points lost.
     pub impact: f64,
     pub explanation: String,
+    /// Stored only when true, like `stale`.
+    #[serde(default)]
     pub missing: bool,
     #[serde(default)]
     pub stale: bool,
@@ -335,9 +340,10 @@ pub fn score_account(
         if raw > o.cap {
             let lost = raw - o.cap;
             score = o.cap;
+            let key = format!("{}{}", breakdown::OVERRIDE_PREFIX, o.name);
             out.push(SignalScore {
-                key: format!("override:{}", o.name),
-                label: "Score cap".into(),
+                label: breakdown::label_for(&key),
+                key,
                 value: o.cap,
                 score: 0.0,
                 weight: 0.0,
@@ -364,9 +370,10 @@ pub fn score_account(
             continue;
         }
         stale = true;
+        let key = format!("{}{}", breakdown::FRESHNESS_PREFIX, s.kind.as_str());
         out.push(SignalScore {
-            key: format!("freshness:{}", s.kind.as_str()),
-            label: format!("{} data freshness", s.kind.title()),
+            label: breakdown::label_for(&key),
+            key,
             value: round2(s.age_hours / 24.0),
             score: 0.0,
             weight: 0.0,

@@ -145,7 +145,7 @@ SELECT a.id, a.plan, a.seats, a.mrr::float8 AS mrr, a.owner,
        COALESCE(i.invoices, 0) AS invoices, COALESCE(i.overdue_count, 0) AS overdue_count,
        COALESCE(i.overdue_cents, 0) AS overdue_cents, COALESCE(i.max_days_overdue, 0) AS max_days_overdue
 FROM q
-JOIN accounts a ON a.id = q.account_id
+JOIN accounts a ON a.id = q.account_id AND a.id BETWEEN $3 AND $4
 LEFT JOIN u ON u.account_id = q.account_id
 LEFT JOIN t ON t.account_id = q.account_id
 LEFT JOIN s ON s.account_id = q.account_id
@@ -240,6 +240,16 @@ pub async fn load_inputs_at(
     .await
 }
 
+/// Transaction-local settings for the batched loads: enough `work_mem` that per-batch sorts stay in
+/// memory; no JIT (its compile time costs more than it saves on these statements); and key-order
+/// index scans over each table's `account_id`-first key. A batch reads one account-id range, and in
+/// key order every per-account aggregate streams without a sort; left to itself the planner picks
+/// bitmap scans plus a sort (or a whole-table scan of tickets) per batch, which measured ~25% slower
+/// over a full rescore than the same aggregates over every account at once.
+const LOAD_SETTINGS: &str =
+    "SELECT set_config('work_mem', '64MB', true), set_config('jit', 'off', true), \
+     set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true)";
+
 #[derive(Clone, Copy)]
 enum Moments<'a> {
     Same(DateTime<Utc>),
@@ -264,16 +274,10 @@ async fn load(
         Moments::Same(_) => AsOf::Same,
         Moments::Each(_) => AsOf::Each,
     });
-    // One transaction so the settings stay local: enough `work_mem` that per-batch sorts stay in
-    // memory, and no JIT (its compile time costs more than it saves on these statements).
+    // One transaction so the settings stay local (see [`LOAD_SETTINGS`]).
     let rows: Vec<InputRow> = conn
         .transaction::<_, diesel::result::Error, _>(async |conn| {
-            diesel::sql_query("SET LOCAL work_mem = '64MB'")
-                .execute(conn)
-                .await?;
-            diesel::sql_query("SET LOCAL jit = off")
-                .execute(conn)
-                .await?;
+            diesel::sql_query(LOAD_SETTINGS).execute(conn).await?;
             match moments {
                 Moments::Same(at) => {
                     diesel::sql_query(sql)

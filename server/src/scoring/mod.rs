@@ -10,26 +10,32 @@
 //!
 //! # The stored `signals` JSON (contract with the read API)
 //!
-//! `health_current.signals` and `health_scores.signals` hold an array of objects with these keys:
+//! `health_current.signals` and `health_scores.signals` (`json` columns) hold an array of objects
+//! with these keys ([`breakdown`] writes them):
 //!
 //! | key | meaning |
 //! | --- | --- |
 //! | `key` | `login_recency`, `breadth`, `frequency`, `usage_trend`, `feature_adoption`, `support`, `billing`; `override:<name>` for a score cap; `freshness:<kind>` for stale data |
-//! | `label` | human name ("Login recency") |
 //! | `value` | the raw number (days since login, active users, percent change, tickets in 30 days, days overdue...) |
 //! | `score` | 0–1 |
 //! | `weight` | points this signal could earn in this score (after missing signals' weight was shared out; the weights of present signals sum to 100) |
 //! | `contribution` | points earned (`weight × score`; a cap entry holds minus the points it took) |
 //! | `impact` | points lost (`weight − contribution`; for a cap, the points it took) |
 //! | `explanation` | plain words with the real numbers ("No login in 21 days") |
-//! | `missing` | `true`: no data of this kind for the account; weight 0, left out of the score |
-//! | `stale` | `true` only on `freshness:<kind>` entries ("Usage data is 3 days old"); their impact is 0 |
-//! | `source`, `configured_weight`, `details` | extras: data kind, the model's weight before reweighting, raw numbers |
+//! | `missing` | present and `true` only when there is no data of this kind for the account; weight 0, left out of the score |
+//! | `stale` | present and `true` only on `freshness:<kind>` entries ("Usage data is 3 days old"); their impact is 0 |
+//!
+//! The read API adds `label` ("Login recency") and the data kind, both derived from `key`
+//! ([`breakdown::label_for`]); rows written by earlier versions also carry `label`, `source` and
+//! `configured_weight`, which readers ignore. A feed row (`score_changes`) has the drivers of the
+//! history row written with it (same account, same moment): readers derive them with the SQL function
+//! `healthd_breakdown_drivers`; feed rows from earlier versions stored them in `drivers`.
 //!
 //! The score equals the sum of `contribution`s (rounded to one decimal). **Drivers** are derived on
 //! read: entries with `stale: true` first, then entries with `impact > 0`, largest impact first
 //! ([`engine::drivers`] implements the rule). A stale score also has `stale = true` on the row.
 
+pub mod breakdown;
 pub mod calibration;
 pub mod daily;
 pub mod diff;

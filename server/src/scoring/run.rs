@@ -1,9 +1,10 @@
-//! Bulk rescoring: load inputs per batch of accounts (one statement), score in Rust, then write the
-//! batch in one transaction with multi-row `UNNEST` statements: `health_current` for every account,
-//! `health_scores` when the score or tier changed or the last history row is a day old, and
-//! `score_changes` (the durable feed) when the score or tier changed. Writing overlaps loading the
-//! next batch (up to `WRITERS` batches on separate connections). After each commit,
-//! `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
+//! Bulk rescoring as a two-stage pipeline. The loader loads inputs per batch of accounts (one
+//! statement) and scores them in Rust; a writer task writes each scored batch in one transaction
+//! with multi-row `UNNEST` statements: `health_current` for every account, `health_scores` when the
+//! score or tier changed or the last history row is a day old, and `score_changes` (the durable feed)
+//! when the score or tier changed. The stages run on separate connections (and threads), joined by a
+//! bounded channel, so loading batch N+1 overlaps writing batch N and memory stays at a few batches.
+//! After each commit, `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -12,14 +13,15 @@ use chrono::{DateTime, Duration, Utc};
 use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use tokio::sync::mpsc;
 
+use super::breakdown;
 use super::engine::{self, EngineContext, Score};
 use super::inputs::{self, BATCH_SIZE};
 
-/// Batches written at once, each on its own connection and in its own transaction. Two writers
-/// measured no faster on a shared 2-core machine (the writes are CPU-bound in PostgreSQL, which
-/// the loading backend also needs) and doubled the peak RSS, so one: raise it on bigger hosts.
-const WRITERS: usize = 1;
+/// Scored batches waiting for the writer. One lets the loader run a batch ahead of the writer
+/// (loading and writing cost about the same); more would only hold more memory.
+const WRITE_QUEUE: usize = 1;
 
 /// Taken (transaction-scoped) right before appending to `score_changes`, so feed rows commit in
 /// id order across concurrent writers and processes: a reader that resumes after the highest id
@@ -154,112 +156,40 @@ pub async fn rescore_at(
     let full = scope == RescoreScope::All;
     let mut conn = pool.get().await?;
     let run = run_context(&mut conn, now, full, true).await?;
-    let csat_window = run.models.default.config.csat_window_days;
     let mut summary = RescoreSummary {
         model_version: run.models.default.version,
         computed_at: now,
         full,
         ..Default::default()
     };
-    let mut versions_used = std::collections::BTreeSet::new();
 
-    let explicit: Option<Vec<i64>> = match &scope {
-        RescoreScope::All => None,
-        RescoreScope::Accounts(ids) => {
-            let mut ids = ids.clone();
-            ids.sort_unstable();
-            ids.dedup();
-            Some(ids)
-        }
-    };
-    let mut last_id = i64::MIN;
-    let mut chunk_index = 0usize;
-    let mut exhausted = false;
-    // Pipelined: while up to WRITERS batches are written, each on its own connection and in its
-    // own transaction, the next ones are loaded on `conn`. Writing is the larger cost, so it gets
-    // the extra backends; writer connections are taken from the pool only when needed.
-    let mut writers = Vec::with_capacity(WRITERS);
-    let mut pending: Vec<Vec<Score>> = Vec::new();
-    loop {
-        let mut id_batches: Vec<Vec<i64>> = Vec::with_capacity(WRITERS);
-        while !exhausted && id_batches.len() < WRITERS {
-            let ids = match &explicit {
-                Some(all) => {
-                    let start = chunk_index * BATCH_SIZE;
-                    chunk_index += 1;
-                    all.get(start..(start + BATCH_SIZE).min(all.len()))
-                        .map(<[i64]>::to_vec)
-                        .unwrap_or_default()
-                }
-                None => {
-                    let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
-                    if let Some(l) = ids.last() {
-                        last_id = *l;
-                    }
-                    ids
-                }
-            };
-            if ids.is_empty() {
-                exhausted = true;
-            } else {
-                id_batches.push(ids);
-            }
-        }
-        let load = async {
-            let mut loaded = Vec::with_capacity(id_batches.len());
-            for ids in &id_batches {
-                let phase = Instant::now();
-                let inputs =
-                    inputs::load_inputs_at(&mut conn, ids, now, run.support_synced, csat_window)
-                        .await?;
-                loaded.push((inputs, phase.elapsed().as_millis() as u64));
-            }
-            Ok::<_, ScoringError>(loaded)
-        };
-        let to_write = std::mem::take(&mut pending);
-        while writers.len() < to_write.len() {
-            writers.push(pool.get().await?);
-        }
-        let write = futures_util::future::try_join_all(writers.iter_mut().zip(&to_write).map(
-            |(wconn, scores)| async move {
-                let phase = Instant::now();
-                let written = write_batch(wconn, scores, now).await?;
-                let ms = phase.elapsed().as_millis() as u64;
-                if let Some(max) = written.feed_ids.iter().max().copied() {
-                    notify_score_change(wconn, max).await;
-                }
-                Ok::<_, ScoringError>((written, ms))
-            },
-        ));
-        let (loaded, written) = tokio::join!(load, write);
-        let written = written?;
-        // Batches are written concurrently: a round costs its slowest writer.
-        summary.write_ms += written.iter().map(|w| w.1).max().unwrap_or(0);
-        for (written, _) in written {
-            summary.history_rows += written.history_rows;
-            summary.changed_account_ids.extend(written.changed);
-            summary.feed_ids.extend(written.feed_ids);
-        }
-        let loaded = loaded?;
-        if loaded.is_empty() {
-            break;
-        }
-        for (inputs, ms) in loaded {
-            summary.load_ms += ms;
-            let phase = Instant::now();
-            let (scores, without) = score_batch(&run, &inputs, now);
-            summary.score_ms += phase.elapsed().as_millis() as u64;
-            summary.accounts_without_data += without;
-            summary.accounts_scored += scores.len();
-            versions_used.extend(scores.iter().map(|s| s.model_version));
-            pending.push(scores);
-        }
-    }
-    drop(writers);
+    // The writer stage: its own task (so its serialising runs beside the loader's decoding and
+    // scoring) and its own connection, taken when the first batch is ready.
+    let (tx, rx) = mpsc::channel::<Vec<Score>>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_stage(pool.clone(), rx, now));
+
+    let loaded = load_stage(&mut conn, &run, &scope, now, &tx, &mut summary).await;
+    // Closing the channel lets the writer finish what it has and report.
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ScoringError::Db(format!("rescore writer task failed: {e}")))?;
+    // A loader error wins (the writer then only stopped for lack of work); otherwise a write error.
+    loaded?;
+    let written = written?;
+    summary.write_ms = written.write_ms;
+    summary.history_rows = written.history_rows;
+    summary.changed_account_ids = written.changed;
+    summary.feed_ids = written.feed_ids;
     summary.feed_ids.sort_unstable();
     summary.max_feed_id = summary.feed_ids.last().copied();
-    summary.model_versions = versions_used.into_iter().collect();
     if full {
+        // Current scores of accounts deleted while a rescore wrote them (there is no foreign key).
+        diesel::sql_query(
+            "DELETE FROM health_current hc WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = hc.account_id)",
+        )
+        .execute(&mut conn)
+        .await?;
         diesel::sql_query("UPDATE scoring_state SET last_full_finished_at = $1, last_full_accounts = $2 WHERE id = 1")
             .bind::<Timestamptz, _>(now)
             .bind::<Integer, _>(summary.accounts_scored as i32)
@@ -287,6 +217,102 @@ pub async fn rescore_at(
     // must not raise alerts.
 
     Ok(summary)
+}
+
+/// The loader stage: batches of account ids in id order, inputs loaded with one statement per
+/// batch, scored, and handed to the writer. Fills the load/score figures of `summary`.
+async fn load_stage(
+    conn: &mut AsyncPgConnection,
+    run: &RunContext,
+    scope: &RescoreScope,
+    now: DateTime<Utc>,
+    tx: &mpsc::Sender<Vec<Score>>,
+    summary: &mut RescoreSummary,
+) -> Result<(), ScoringError> {
+    let csat_window = run.models.default.config.csat_window_days;
+    let explicit: Option<Vec<i64>> = match scope {
+        RescoreScope::All => None,
+        RescoreScope::Accounts(ids) => {
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            Some(ids)
+        }
+    };
+    let mut versions_used = std::collections::BTreeSet::new();
+    let mut last_id = i64::MIN;
+    let mut chunks = explicit.as_deref().map(|ids| ids.chunks(BATCH_SIZE));
+    loop {
+        let ids = match &mut chunks {
+            Some(chunks) => match chunks.next() {
+                Some(chunk) => chunk.to_vec(),
+                None => break,
+            },
+            None => {
+                let ids = next_account_ids(conn, last_id, BATCH_SIZE).await?;
+                match ids.last() {
+                    Some(l) => last_id = *l,
+                    None => break,
+                }
+                ids
+            }
+        };
+        let phase = Instant::now();
+        let inputs =
+            inputs::load_inputs_at(conn, &ids, now, run.support_synced, csat_window).await?;
+        summary.load_ms += phase.elapsed().as_millis() as u64;
+        let phase = Instant::now();
+        let (scores, without) = score_batch(run, &inputs, now);
+        summary.score_ms += phase.elapsed().as_millis() as u64;
+        summary.accounts_without_data += without;
+        summary.accounts_scored += scores.len();
+        versions_used.extend(scores.iter().map(|s| s.model_version));
+        if tx.send(scores).await.is_err() {
+            // The writer stopped on an error, which it reports.
+            break;
+        }
+    }
+    summary.model_versions = versions_used.into_iter().collect();
+    Ok(())
+}
+
+/// What the writer stage did over the whole run.
+#[derive(Default)]
+struct WriteTotals {
+    changed: Vec<i64>,
+    feed_ids: Vec<i64>,
+    history_rows: usize,
+    write_ms: u64,
+}
+
+/// The writer stage: each scored batch in its own transaction, then a feed wake-up hint. Stops at
+/// the first error (dropping the receiver, which stops the loader).
+async fn write_stage(
+    pool: DbPool,
+    mut rx: mpsc::Receiver<Vec<Score>>,
+    now: DateTime<Utc>,
+) -> Result<WriteTotals, ScoringError> {
+    let mut totals = WriteTotals::default();
+    let mut conn = None;
+    while let Some(scores) = rx.recv().await {
+        if scores.is_empty() {
+            continue;
+        }
+        let conn = match &mut conn {
+            Some(c) => c,
+            None => conn.insert(pool.get_owned().await?),
+        };
+        let phase = Instant::now();
+        let written = write_batch(conn, &scores, now).await?;
+        if let Some(max) = written.feed_ids.iter().max().copied() {
+            notify_score_change(conn, max).await;
+        }
+        totals.write_ms += phase.elapsed().as_millis() as u64;
+        totals.history_rows += written.history_rows;
+        totals.changed.extend(written.changed);
+        totals.feed_ids.extend(written.feed_ids);
+    }
+    Ok(totals)
 }
 
 async fn next_account_ids(
@@ -377,7 +403,7 @@ async fn write_batch(
     // Serialise outside the transaction: it is the main CPU cost on this side.
     let texts: Vec<String> = scores
         .iter()
-        .map(|s| serde_json::to_string(&s.signals).unwrap_or_else(|_| "[]".into()))
+        .map(|s| breakdown::encode(&s.signals))
         .collect();
     let digests: Vec<i64> = texts.iter().map(|t| digest(t)).collect();
     conn.transaction::<Written, ScoringError, _>(async |conn| {
@@ -453,11 +479,13 @@ async fn write_batch(
             diesel::sql_query(
                 "INSERT INTO health_current
                     (account_id, computed_at, score, tier, stale, model_version, signals, signals_digest, previous_score, score_change)
-                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::jsonb, x.digest,
+                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::json, x.digest,
                         x.previous_score, x.score_change
                  FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[], $8::bigint[],
                              $9::float8[], $10::float8[])
                       AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
+                 -- Only accounts that still exist (no foreign key checks each row; see migration 000060).
+                 WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)
                  ON CONFLICT (account_id) DO UPDATE SET
                     computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
                     stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, signals = EXCLUDED.signals,
@@ -504,20 +532,18 @@ async fn write_batch(
             let c_prev_tier: Vec<Option<&str>> =
                 changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.tier.as_str())).collect();
             let c_tier: Vec<&str> = changed.iter().map(|&i| scores[i].tier.as_str()).collect();
-            let c_drivers: Vec<String> = changed
-                .iter()
-                .map(|&i| serde_json::to_string(&scores[i].drivers()).unwrap_or_else(|_| "[]".into()))
-                .collect();
             #[derive(QueryableByName)]
             struct Id {
                 #[diesel(sql_type = BigInt)]
                 id: i64,
             }
             let rows: Vec<Id> = diesel::sql_query(
-                "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers, changed_at)
-                 SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, x.drivers::jsonb, $1
-                 FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[], $7::text[])
-                      WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, drivers, n)
+                // No drivers: readers derive them from the history row written above at the same
+                // moment (migration 000060), so the breakdown is not stored a second time.
+                "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, changed_at)
+                 SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, $1
+                 FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[])
+                      WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, n)
                  ORDER BY x.n
                  RETURNING id",
             )
@@ -527,7 +553,6 @@ async fn write_batch(
             .bind::<Array<Double>, _>(&c_score)
             .bind::<Array<Nullable<Text>>, _>(&c_prev_tier)
             .bind::<Array<Text>, _>(&c_tier)
-            .bind::<Array<Text>, _>(&c_drivers)
             .load(conn)
             .await?;
             feed_ids = rows.into_iter().map(|r| r.id).collect();
