@@ -62,14 +62,15 @@ async fn set_score(
 ) {
     let mut conn = pool.get().await.unwrap();
     diesel::sql_query(
-        "WITH prev AS (SELECT score, tier FROM health_current WHERE account_id = $1), \
-         up AS (INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals, previous_score, score_change) \
-                VALUES ($1, clock_timestamp(), $2, $3, 1, $4, (SELECT score FROM prev), $2 - coalesce((SELECT score FROM prev), $2)) \
+        "WITH ts AS (SELECT clock_timestamp() AS t), \
+         prev AS (SELECT score, tier FROM health_current WHERE account_id = $1), \
+         up AS (INSERT INTO health_current (account_id, computed_at, score, tier, model_version, history_at, previous_score, score_change) \
+                SELECT $1, ts.t, $2, $3, 1, ts.t, (SELECT score FROM prev), $2 - coalesce((SELECT score FROM prev), $2) FROM ts \
                 ON CONFLICT (account_id) DO UPDATE SET computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, \
-                tier = EXCLUDED.tier, signals = EXCLUDED.signals, previous_score = EXCLUDED.previous_score, \
+                tier = EXCLUDED.tier, history_at = EXCLUDED.history_at, previous_score = EXCLUDED.previous_score, \
                 score_change = EXCLUDED.score_change), \
          hist AS (INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
-                  VALUES ($1, clock_timestamp(), $2, $3, 1, $4)) \
+                  SELECT $1, ts.t, $2, $3, 1, $4 FROM ts) \
          INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers) \
          VALUES ($1, (SELECT score FROM prev), $2, (SELECT tier FROM prev), $3, $4)",
     )
@@ -146,8 +147,8 @@ async fn troubled_account_raises_each_rule_once_with_drivers() {
     .await;
     // Three days ago healthy at 85; today 58 and AT_RISK.
     exec(pool, &format!(
-        "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals) \
-         VALUES ({acme}, now() - interval '3 days', 85, 'healthy', 1, '[]'), ({fine}, now(), 90, 'healthy', 1, '[]'); \
+        "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, history_at) \
+         VALUES ({acme}, now() - interval '3 days', 85, 'healthy', 1, now() - interval '3 days'), ({fine}, now(), 90, 'healthy', 1, NULL); \
          INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
          VALUES ({acme}, now() - interval '3 days', 85, 'healthy', 1, '[]')"
     ))
@@ -532,9 +533,12 @@ async fn full_evaluation_timing() {
     exec(pool, &format!(
         "INSERT INTO accounts (key, name, owner, renewal_date) \
            SELECT 'acct-' || g, 'Account ' || g, 'owner-' || (g % 20), current_date + (g % 365)::int FROM generate_series(1, {n}) g; \
-         INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals) \
-           SELECT id, now(), 30 + (id % 70), CASE WHEN 30 + (id % 70) >= 70 THEN 'healthy' WHEN 30 + (id % 70) >= 40 THEN 'at_risk' ELSE 'critical' END, 1, \
-                  '[{{\"key\":\"login_recency\",\"impact\":12,\"explanation\":\"No login in 9 days\"}}]' FROM accounts; \
+         INSERT INTO health_current (account_id, computed_at, score, tier, model_version, history_at) \
+           SELECT id, now(), 30 + (id % 70), CASE WHEN 30 + (id % 70) >= 70 THEN 'healthy' WHEN 30 + (id % 70) >= 40 THEN 'at_risk' ELSE 'critical' END, 1, now() \
+           FROM accounts; \
+         INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
+           SELECT account_id, computed_at, score, tier, 1, \
+                  '[{{\"key\":\"login_recency\",\"impact\":12,\"explanation\":\"No login in 9 days\"}}]' FROM health_current; \
          INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
            SELECT id, now() - interval '2 days', 80, 'healthy', 1, '[]' FROM accounts; \
          INSERT INTO usage_daily (account_id, day, user_id, event, events) \

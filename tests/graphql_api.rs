@@ -161,7 +161,7 @@ async fn seed_list(api: &Api) -> Vec<Seeded> {
         ));
         if let (Some(s), Some(tier), Some(c)) = (score, tier, change) {
             health.push(format!(
-                "({i}, now(), {s}, '{tier}', false, 1, '[]', {}, {c})",
+                "({i}, now(), {s}, '{tier}', false, 1, NULL, {}, {c})",
                 s - c
             ));
         }
@@ -183,7 +183,7 @@ async fn seed_list(api: &Api) -> Vec<Seeded> {
     ))
     .await;
     api.sql(&format!(
-        "INSERT INTO health_current (account_id, computed_at, score, tier, stale, model_version, signals, \
+        "INSERT INTO health_current (account_id, computed_at, score, tier, stale, model_version, history_at, \
          previous_score, score_change) VALUES {}",
         health.join(", ")
     ))
@@ -456,8 +456,8 @@ async fn renewal_window_and_tiers_filter() {
     ))
     .await;
     api.sql(
-        "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals) VALUES \
-         (2, now(), 80, 'healthy', 1, '[]'), (3, now(), 30, 'critical', 1, '[]'), (4, now(), 50, 'at_risk', 1, '[]')",
+        "INSERT INTO health_current (account_id, computed_at, score, tier, model_version) VALUES \
+         (2, now(), 80, 'healthy', 1), (3, now(), 30, 'critical', 1), (4, now(), 50, 'at_risk', 1)",
     )
     .await;
     let keys = |data: &Value| -> Vec<String> {
@@ -716,10 +716,12 @@ async fn health_history_signals_drivers_and_changes() {
         s = signals
     ))
     .await;
-    api.sql(&format!(
-        "INSERT INTO health_current (account_id, computed_at, score, tier, stale, model_version, signals, previous_score, score_change) \
-         VALUES (1, now(), 42.3, 'at_risk', true, 2, '{signals}', 55.5, -13.2)"
-    ))
+    // The current score names the history row that holds its breakdown.
+    api.sql(
+        "INSERT INTO health_current (account_id, computed_at, score, tier, stale, model_version, history_at, previous_score, score_change) \
+         SELECT 1, computed_at, 42.3, 'at_risk', true, 2, computed_at, 55.5, -13.2 \
+         FROM health_scores WHERE account_id = 1 ORDER BY computed_at DESC LIMIT 1",
+    )
     .await;
     let q = "query($k: String!) { account(key: $k) {
         health { score tier stale modelVersion change change7d change30d

@@ -54,8 +54,9 @@ async fn a_page_of_50_costs_the_statements_of_a_page_of_5() {
              SELECT i, now() - make_interval(days => d), 40 + (i + d) % 50, 'at_risk', 1, \
                     '[{\"key\": \"login_recency\", \"impact\": 5, \"weight\": 25, \"contribution\": 20}]' \
              FROM generate_series(1, 60) i, generate_series(0, 40, 5) d",
-            "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals, previous_score, score_change) \
-             SELECT i, now(), 40 + i % 50, 'at_risk', 1, '[{\"key\": \"login_recency\", \"impact\": 5}]', 45, (i % 50) - 5 \
+            "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, history_at, previous_score, score_change) \
+             SELECT i, now(), 40 + i % 50, 'at_risk', 1, \
+                    (SELECT max(computed_at) FROM health_scores hs WHERE hs.account_id = i), 45, (i % 50) - 5 \
              FROM generate_series(1, 60) i",
             "INSERT INTO subscriptions (account_id, source, subscription_id, status, mrr, current_period_end) \
              SELECT i, 'stripe', 's' || i, 'active', 100, now() + interval '20 days' FROM generate_series(1, 60) i",

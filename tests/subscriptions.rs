@@ -420,8 +420,10 @@ async fn raised_alerts_are_pushed_with_their_drivers() {
     {
         let mut conn = pool.get().await.unwrap();
         diesel::sql_query(format!(
-            "INSERT INTO health_current (account_id, computed_at, score, tier, model_version, signals) VALUES \
-             ({acme}, now(), 55, 'at_risk', 1, '[{{\"key\":\"billing\",\"label\":\"Billing\",\"impact\":20,\"explanation\":\"Invoice 30 days past due ($1,200.00)\"}}]')"
+            "WITH h AS (INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) VALUES \
+             ({acme}, now(), 55, 'at_risk', 1, '[{{\"key\":\"billing\",\"impact\":20,\"explanation\":\"Invoice 30 days past due ($1,200.00)\"}}]')) \
+             INSERT INTO health_current (account_id, computed_at, score, tier, model_version, history_at) VALUES \
+             ({acme}, now(), 55, 'at_risk', 1, now())"
         ))
         .execute(&mut conn)
         .await

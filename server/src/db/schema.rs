@@ -130,9 +130,10 @@ diesel::table! {
         tier -> Text,
         stale -> Bool,
         model_version -> Int4,
-        signals -> Json,
         previous_score -> Nullable<Float8>,
         score_change -> Float8,
+        signals_digest -> Nullable<Int8>,
+        history_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -10,8 +10,9 @@
 //!
 //! # The stored `signals` JSON (contract with the read API)
 //!
-//! `health_current.signals` and `health_scores.signals` (`json` columns) hold an array of objects
-//! with these keys ([`breakdown`] writes them):
+//! `health_scores.signals` (a `json` column) holds an array of objects with these keys ([`breakdown`]
+//! writes them). Each breakdown is stored once: the current score (`health_current`) names the
+//! history row holding its breakdown in `history_at`.
 //!
 //! | key | meaning |
 //! | --- | --- |

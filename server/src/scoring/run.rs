@@ -7,6 +7,7 @@
 //! After each commit, `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
@@ -17,11 +18,17 @@ use tokio::sync::mpsc;
 
 use super::breakdown;
 use super::engine::{self, EngineContext, Score};
+use super::signals::AccountInputs;
 use super::inputs::{self, BATCH_SIZE};
 
 /// Scored batches waiting for the writer. One lets the loader run a batch ahead of the writer
 /// (loading and writing cost about the same); more would only hold more memory.
 const WRITE_QUEUE: usize = 1;
+
+/// Writer tasks. Loading and writing each keep one core busy while batches are being loaded; once
+/// the last batch is loaded, a second writer puts the loader's core to work on the remaining writes.
+/// Feed rows still commit in id order (see [`FEED_LOCK`]).
+const WRITERS: usize = 2;
 
 /// Taken (transaction-scoped) right before appending to `score_changes`, so feed rows commit in
 /// id order across concurrent writers and processes: a reader that resumes after the highest id
@@ -155,7 +162,7 @@ pub async fn rescore_at(
     let started = Instant::now();
     let full = scope == RescoreScope::All;
     let mut conn = pool.get().await?;
-    let run = run_context(&mut conn, now, full, true).await?;
+    let run = Arc::new(run_context(&mut conn, now, full, true).await?);
     let mut summary = RescoreSummary {
         model_version: run.models.default.version,
         computed_at: now,
@@ -163,24 +170,41 @@ pub async fn rescore_at(
         ..Default::default()
     };
 
-    // The writer stage: its own task (so its serialising runs beside the loader's decoding and
-    // scoring) and its own connection, taken when the first batch is ready.
-    let (tx, rx) = mpsc::channel::<Vec<Score>>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_stage(pool.clone(), rx, now));
+    // The scoring and writing stage: WRITERS tasks (so scoring and serialising run beside the
+    // loader's decoding), each with its own connection, taken when its first batch is ready.
+    let (tx, rx) = mpsc::channel::<Vec<AccountInputs>>(WRITE_QUEUE);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| tokio::spawn(write_stage(pool.clone(), run.clone(), rx.clone(), now)))
+        .collect();
+    drop(rx);
 
     let loaded = load_stage(&mut conn, &run, &scope, now, &tx, &mut summary).await;
-    // Closing the channel lets the writer finish what it has and report.
+    // Closing the channel lets the writers finish what they have and report.
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ScoringError::Db(format!("rescore writer task failed: {e}")))?;
-    // A loader error wins (the writer then only stopped for lack of work); otherwise a write error.
+    let mut written = Vec::with_capacity(WRITERS);
+    for w in writers {
+        written.push(
+            w.await
+                .map_err(|e| ScoringError::Db(format!("rescore writer task failed: {e}")))?,
+        );
+    }
+    // A loader error wins (the writers then only stopped for lack of work); otherwise a write error.
     loaded?;
-    let written = written?;
-    summary.write_ms = written.write_ms;
-    summary.history_rows = written.history_rows;
-    summary.changed_account_ids = written.changed;
-    summary.feed_ids = written.feed_ids;
+    let mut versions_used = std::collections::BTreeSet::new();
+    for w in written {
+        let w = w?;
+        // Writers run side by side: each phase took as long as in the busiest writer.
+        summary.write_ms = summary.write_ms.max(w.write_ms);
+        summary.score_ms = summary.score_ms.max(w.score_ms);
+        summary.accounts_scored += w.accounts_scored;
+        summary.accounts_without_data += w.accounts_without_data;
+        versions_used.extend(w.model_versions);
+        summary.history_rows += w.history_rows;
+        summary.changed_account_ids.extend(w.changed);
+        summary.feed_ids.extend(w.feed_ids);
+    }
+    summary.model_versions = versions_used.into_iter().collect();
     summary.feed_ids.sort_unstable();
     summary.max_feed_id = summary.feed_ids.last().copied();
     if full {
@@ -220,13 +244,13 @@ pub async fn rescore_at(
 }
 
 /// The loader stage: batches of account ids in id order, inputs loaded with one statement per
-/// batch, scored, and handed to the writer. Fills the load/score figures of `summary`.
+/// batch and handed to the writers. Fills `summary.load_ms`.
 async fn load_stage(
     conn: &mut AsyncPgConnection,
     run: &RunContext,
     scope: &RescoreScope,
     now: DateTime<Utc>,
-    tx: &mpsc::Sender<Vec<Score>>,
+    tx: &mpsc::Sender<Vec<AccountInputs>>,
     summary: &mut RescoreSummary,
 ) -> Result<(), ScoringError> {
     let csat_window = run.models.default.config.csat_window_days;
@@ -239,7 +263,6 @@ async fn load_stage(
             Some(ids)
         }
     };
-    let mut versions_used = std::collections::BTreeSet::new();
     let mut last_id = i64::MIN;
     let mut chunks = explicit.as_deref().map(|ids| ids.chunks(BATCH_SIZE));
     loop {
@@ -261,40 +284,50 @@ async fn load_stage(
         let inputs =
             inputs::load_inputs_at(conn, &ids, now, run.support_synced, csat_window).await?;
         summary.load_ms += phase.elapsed().as_millis() as u64;
-        let phase = Instant::now();
-        let (scores, without) = score_batch(run, &inputs, now);
-        summary.score_ms += phase.elapsed().as_millis() as u64;
-        summary.accounts_without_data += without;
-        summary.accounts_scored += scores.len();
-        versions_used.extend(scores.iter().map(|s| s.model_version));
-        if tx.send(scores).await.is_err() {
-            // The writer stopped on an error, which it reports.
+        if tx.send(inputs).await.is_err() {
+            // The writers stopped on errors, which they report.
             break;
         }
     }
-    summary.model_versions = versions_used.into_iter().collect();
     Ok(())
 }
 
 /// What the writer stage did over the whole run.
 #[derive(Default)]
 struct WriteTotals {
+    accounts_scored: usize,
+    accounts_without_data: usize,
+    model_versions: std::collections::BTreeSet<i32>,
+    score_ms: u64,
     changed: Vec<i64>,
     feed_ids: Vec<i64>,
     history_rows: usize,
     write_ms: u64,
 }
 
-/// The writer stage: each scored batch in its own transaction, then a feed wake-up hint. Stops at
-/// the first error (dropping the receiver, which stops the loader).
+/// A scoring and writing task: scores each loaded batch, writes it in its own transaction, then
+/// sends a feed wake-up hint. Stops at its first error (when every writer has stopped, the receiver
+/// is dropped, which stops the loader).
 async fn write_stage(
     pool: DbPool,
-    mut rx: mpsc::Receiver<Vec<Score>>,
+    run: Arc<RunContext>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<AccountInputs>>>>,
     now: DateTime<Utc>,
 ) -> Result<WriteTotals, ScoringError> {
     let mut totals = WriteTotals::default();
     let mut conn = None;
-    while let Some(scores) = rx.recv().await {
+    loop {
+        // The lock is held only while waiting for the next batch, not while writing it.
+        let Some(inputs) = rx.lock().await.recv().await else {
+            break;
+        };
+        let phase = Instant::now();
+        let (scores, without) = score_batch(&run, &inputs, now);
+        drop(inputs);
+        totals.score_ms += phase.elapsed().as_millis() as u64;
+        totals.accounts_without_data += without;
+        totals.accounts_scored += scores.len();
+        totals.model_versions.extend(scores.iter().map(|s| s.model_version));
         if scores.is_empty() {
             continue;
         }
@@ -370,7 +403,7 @@ struct Previous {
     #[diesel(sql_type = Nullable<BigInt>)]
     signals_digest: Option<i64>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
-    last_history: Option<DateTime<Utc>>,
+    history_at: Option<DateTime<Utc>>,
 }
 
 /// FNV-1a: a stable 64-bit digest of the serialized signals (a collision only means one write is
@@ -384,12 +417,13 @@ fn digest(text: &str) -> i64 {
     h as i64
 }
 
-/// Writes one batch of scores in one transaction:
+/// Writes one batch of scores in one transaction. Each breakdown is stored once, in
+/// `health_scores`; `health_current.history_at` names the history row holding the current one.
 /// - accounts whose score, tier, staleness, model and signals are all unchanged only get their
-///   `computed_at` moved (no breakdown is resent or rewritten);
-/// - the others are upserted in full with one `UNNEST` statement;
-/// - history rows (on change, or when the last one is a day old) are copied from `health_current`
-///   inside the database;
+///   `computed_at` moved, or, when their last history row is a day old, a copy of that row made
+///   inside the database (the breakdown is not resent);
+/// - the others get a history row with their new breakdown and their current row upserted, in one
+///   `UNNEST` statement;
 /// - feed rows for score or tier changes are appended in the same transaction.
 async fn write_batch(
     conn: &mut AsyncPgConnection,
@@ -409,18 +443,18 @@ async fn write_batch(
     conn.transaction::<Written, ScoringError, _>(async |conn| {
         // Lock the current rows: concurrent rescores of the same accounts serialise here.
         let prev: Vec<Previous> = diesel::sql_query(
-            "SELECT h.account_id, h.score, h.tier, h.stale, h.model_version, h.previous_score, h.signals_digest,
-                    (SELECT MAX(hs.computed_at) FROM health_scores hs WHERE hs.account_id = h.account_id) AS last_history
-             FROM health_current h WHERE h.account_id = ANY($1) FOR UPDATE OF h",
+            "SELECT account_id, score, tier, stale, model_version, previous_score, signals_digest, history_at
+             FROM health_current WHERE account_id = ANY($1) FOR UPDATE",
         )
         .bind::<Array<BigInt>, _>(&ids)
         .load(conn)
         .await?;
         let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
 
-        let mut full: Vec<usize> = Vec::new();
+        // New breakdown / same breakdown with a daily history row due / same breakdown.
+        let mut fresh: Vec<usize> = Vec::new();
+        let mut carry: Vec<i64> = Vec::new();
         let mut touch: Vec<i64> = Vec::new();
-        let mut history: Vec<i64> = Vec::new();
         let mut changed: Vec<usize> = Vec::new();
         let mut previous_scores: Vec<Option<f64>> = Vec::with_capacity(scores.len());
         for (i, s) in scores.iter().enumerate() {
@@ -431,14 +465,14 @@ async fn write_batch(
             };
             let same_content = !is_change
                 && p.is_some_and(|p| {
-                    p.signals_digest == Some(digests[i]) && p.stale == s.stale && p.model_version == s.model_version
+                    p.history_at.is_some()
+                        && p.signals_digest == Some(digests[i])
+                        && p.stale == s.stale
+                        && p.model_version == s.model_version
                 });
-            let history_due = p.and_then(|p| p.last_history).is_none_or(|t| now - t >= Duration::hours(24));
+            let history_due = p.and_then(|p| p.history_at).is_none_or(|t| now - t >= Duration::hours(24));
             if is_change {
                 changed.push(i);
-            }
-            if is_change || history_due {
-                history.push(s.account_id);
             }
             // previous_score moves only when the score changes, so `score_change` keeps saying
             // how the latest change went after unchanged rescores.
@@ -447,10 +481,12 @@ async fn write_batch(
                 Some(p) if is_change => Some(p.score),
                 Some(p) => p.previous_score,
             });
-            if same_content {
-                touch.push(s.account_id);
+            if !same_content {
+                fresh.push(i);
+            } else if history_due {
+                carry.push(s.account_id);
             } else {
-                full.push(i);
+                touch.push(s.account_id);
             }
         }
 
@@ -463,32 +499,60 @@ async fn write_batch(
             .execute(conn)
             .await?;
         }
-        if !full.is_empty() {
-            let f_ids: Vec<i64> = full.iter().map(|&i| ids[i]).collect();
-            let f_score: Vec<f64> = full.iter().map(|&i| scores[i].score).collect();
-            let f_tier: Vec<&str> = full.iter().map(|&i| scores[i].tier.as_str()).collect();
-            let f_stale: Vec<bool> = full.iter().map(|&i| scores[i].stale).collect();
-            let f_version: Vec<i32> = full.iter().map(|&i| scores[i].model_version).collect();
-            let f_signals: Vec<&str> = full.iter().map(|&i| texts[i].as_str()).collect();
-            let f_digest: Vec<i64> = full.iter().map(|&i| digests[i]).collect();
-            let f_prev: Vec<Option<f64>> = full.iter().map(|&i| previous_scores[i]).collect();
-            let f_change: Vec<f64> = full
+        if !carry.is_empty() {
+            // The day's history row for an unchanged score: a copy of the latest one, moved to now.
+            diesel::sql_query(
+                "WITH copied AS (
+                    INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+                    SELECT hs.account_id, $1, hs.score, hs.tier, hs.stale, hs.model_version, hs.signals
+                    FROM health_current h
+                    JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
+                    WHERE h.account_id = ANY($2) AND h.computed_at <= $1
+                    ON CONFLICT (account_id, computed_at) DO UPDATE SET
+                       score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+                       model_version = EXCLUDED.model_version, signals = EXCLUDED.signals
+                    RETURNING account_id)
+                 UPDATE health_current h SET computed_at = $1, history_at = $1
+                 FROM copied c WHERE h.account_id = c.account_id",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<BigInt>, _>(&carry)
+            .execute(conn)
+            .await?;
+        }
+        if !fresh.is_empty() {
+            let f_ids: Vec<i64> = fresh.iter().map(|&i| ids[i]).collect();
+            let f_score: Vec<f64> = fresh.iter().map(|&i| scores[i].score).collect();
+            let f_tier: Vec<&str> = fresh.iter().map(|&i| scores[i].tier.as_str()).collect();
+            let f_stale: Vec<bool> = fresh.iter().map(|&i| scores[i].stale).collect();
+            let f_version: Vec<i32> = fresh.iter().map(|&i| scores[i].model_version).collect();
+            let f_signals: Vec<&str> = fresh.iter().map(|&i| texts[i].as_str()).collect();
+            let f_digest: Vec<i64> = fresh.iter().map(|&i| digests[i]).collect();
+            let f_prev: Vec<Option<f64>> = fresh.iter().map(|&i| previous_scores[i]).collect();
+            let f_change: Vec<f64> = fresh
                 .iter()
                 .map(|&i| previous_scores[i].map_or(0.0, |ps| ((scores[i].score - ps) * 10.0).round() / 10.0))
                 .collect();
             diesel::sql_query(
-                "INSERT INTO health_current
-                    (account_id, computed_at, score, tier, stale, model_version, signals, signals_digest, previous_score, score_change)
-                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::json, x.digest,
-                        x.previous_score, x.score_change
-                 FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[], $8::bigint[],
-                             $9::float8[], $10::float8[])
-                      AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
-                 -- Only accounts that still exist (no foreign key checks each row; see migration 000060).
-                 WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)
+                "WITH x AS (
+                    SELECT * FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[],
+                                         $8::bigint[], $9::float8[], $10::float8[])
+                         AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
+                    -- Only accounts that still exist (no foreign key checks each row; see migration 000060).
+                    WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)),
+                 history AS (
+                    INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+                    SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::json FROM x
+                    ON CONFLICT (account_id, computed_at) DO UPDATE SET
+                       score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+                       model_version = EXCLUDED.model_version, signals = EXCLUDED.signals)
+                 INSERT INTO health_current
+                    (account_id, computed_at, score, tier, stale, model_version, history_at, signals_digest, previous_score, score_change)
+                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, $1, x.digest, x.previous_score, x.score_change
+                 FROM x
                  ON CONFLICT (account_id) DO UPDATE SET
                     computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
-                    stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, signals = EXCLUDED.signals,
+                    stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, history_at = EXCLUDED.history_at,
                     signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
                     score_change = EXCLUDED.score_change
                  WHERE health_current.computed_at <= EXCLUDED.computed_at",
@@ -503,19 +567,6 @@ async fn write_batch(
             .bind::<Array<BigInt>, _>(&f_digest)
             .bind::<Array<Nullable<Double>>, _>(&f_prev)
             .bind::<Array<Double>, _>(&f_change)
-            .execute(conn)
-            .await?;
-        }
-        if !history.is_empty() {
-            diesel::sql_query(
-                "INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                 SELECT account_id, computed_at, score, tier, stale, model_version, signals
-                 FROM health_current WHERE account_id = ANY($1)
-                 ON CONFLICT (account_id, computed_at) DO UPDATE SET
-                    score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
-                    model_version = EXCLUDED.model_version, signals = EXCLUDED.signals",
-            )
-            .bind::<Array<BigInt>, _>(&history)
             .execute(conn)
             .await?;
         }
@@ -557,7 +608,11 @@ async fn write_batch(
             .await?;
             feed_ids = rows.into_iter().map(|r| r.id).collect();
         }
-        Ok(Written { changed: changed.iter().map(|&i| ids[i]).collect(), feed_ids, history_rows: history.len() })
+        Ok(Written {
+            changed: changed.iter().map(|&i| ids[i]).collect(),
+            feed_ids,
+            history_rows: fresh.len() + carry.len(),
+        })
     })
     .await
 }
