@@ -1044,3 +1044,43 @@ async fn graphql_models_recompute_and_calibration_errors() {
         r.errors
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn current_scores_never_outlive_their_accounts() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let now = t0();
+    let mut conn = pool.get().await.unwrap();
+    let gone = account(&mut conn, "gone", 5, "pro").await;
+    let kept = account(&mut conn, "kept", 5, "pro").await;
+    for id in [gone, kept] {
+        usage(&mut conn, id, now, 0, 20, 2, 3).await;
+    }
+    drop(conn);
+    rescore_at(pool, RescoreScope::All, now).await.unwrap();
+    let in_current =
+        |id: i64| format!("SELECT COUNT(*) AS n FROM health_current WHERE account_id = {id}");
+    assert_eq!(count(pool, &in_current(gone)).await, 1);
+
+    // Deleted while (or after) a rescore wrote its score: health_current has no foreign key, so the
+    // next full rescore removes the row, and a rescore of the id writes nothing for it.
+    let mut conn = pool.get().await.unwrap();
+    exec(
+        &mut conn,
+        &format!("DELETE FROM accounts WHERE id = {gone}"),
+    )
+    .await;
+    drop(conn);
+    rescore_at(
+        pool,
+        RescoreScope::Accounts(vec![gone, kept]),
+        now + Duration::minutes(5),
+    )
+    .await
+    .unwrap();
+    rescore_at(pool, RescoreScope::All, now + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(count(pool, &in_current(gone)).await, 0);
+    assert_eq!(count(pool, &in_current(kept)).await, 1);
+}

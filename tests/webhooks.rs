@@ -347,9 +347,15 @@ async fn score_changes_fill_the_outbox_of_matching_receivers_only() {
         "events": ["alert.raised"]}}),
     )
     .await;
+    // acme's change is written as the rescore writes it: drivers left to the history row of the
+    // same moment; beta's rows carry stored drivers, as earlier versions wrote them.
     exec(pool, "INSERT INTO accounts (key, name) VALUES ('acme', 'Acme'), ('beta', 'Beta'); \
+        INSERT INTO health_scores (account_id, computed_at, score, tier, model_version, signals) \
+        SELECT id, now(), 62, 'at_risk', 1, '[{\"key\": \"breadth\", \"value\": 5, \"score\": 1, \"weight\": 10, \"contribution\": 10, \"impact\": 0, \"explanation\": \"5 of 5 seats active\"}, \
+            {\"key\": \"billing\", \"value\": 30, \"score\": 0.1, \"weight\": 20, \"contribution\": 2, \"impact\": 18, \"explanation\": \"Invoice 30 days past due ($1,200.00)\"}]' \
+        FROM accounts WHERE key = 'acme'; \
         INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, drivers) \
-        SELECT id, 80, 62, 'healthy', 'at_risk', '[]'::jsonb FROM accounts WHERE key = 'acme' \
+        SELECT id, 80, 62, 'healthy', 'at_risk', NULL::jsonb FROM accounts WHERE key = 'acme' \
         UNION ALL SELECT id, 70, 68, 'healthy', 'at_risk', '[]' FROM accounts WHERE key = 'beta' \
         UNION ALL SELECT id, 90, 75, 'healthy', 'healthy', '[]' FROM accounts WHERE key = 'beta'").await;
     #[derive(diesel::QueryableByName)]
@@ -383,4 +389,16 @@ async fn score_changes_fill_the_outbox_of_matching_receivers_only() {
     .await
     .unwrap();
     assert_eq!((payload[0].name.as_str(), payload[0].n), ("AT_RISK", 62));
+    let drivers: Vec<Row> = diesel::sql_query(
+        "SELECT payload -> 'drivers' -> 0 ->> 'explanation' AS name, jsonb_array_length(payload -> 'drivers')::bigint AS n \
+         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE w.name = 'bi-drops'",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        (drivers[0].name.as_str(), drivers[0].n),
+        ("Invoice 30 days past due ($1,200.00)", 1),
+        "only the entries that cost points"
+    );
 }

@@ -22,7 +22,7 @@ use super::signals::{AccountInputs, BillingFacts, SourceKind, SupportFacts, Usag
 use super::ScoringError;
 
 /// How many accounts one statement loads (and one transaction writes).
-pub const BATCH_SIZE: usize = 5_000;
+pub const BATCH_SIZE: usize = 2_500;
 
 #[derive(QueryableByName, Debug)]
 struct InputRow {

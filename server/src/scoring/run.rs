@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 
 use super::breakdown;
 use super::engine::{self, EngineContext, Score};
-use super::signals::AccountInputs;
 use super::inputs::{self, BATCH_SIZE};
+use super::signals::AccountInputs;
 
 /// Scored batches waiting for the writer. One lets the loader run a batch ahead of the writer
 /// (loading and writing cost about the same); more would only hold more memory.
@@ -327,7 +327,9 @@ async fn write_stage(
         totals.score_ms += phase.elapsed().as_millis() as u64;
         totals.accounts_without_data += without;
         totals.accounts_scored += scores.len();
-        totals.model_versions.extend(scores.iter().map(|s| s.model_version));
+        totals
+            .model_versions
+            .extend(scores.iter().map(|s| s.model_version));
         if scores.is_empty() {
             continue;
         }
