@@ -1084,3 +1084,50 @@ async fn current_scores_never_outlive_their_accounts() {
     assert_eq!(count(pool, &in_current(gone)).await, 0);
     assert_eq!(count(pool, &in_current(kept)).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_batches_rescore_through_a_pool_of_two() {
+    let db = TestDb::new().await;
+    let now = t0();
+    // Three batches' worth of accounts with billing data only (one is overdue in each hundred).
+    let mut conn = db.pool().get().await.unwrap();
+    for sql in [
+        "INSERT INTO accounts (key, name, seats) SELECT 'b-' || g, 'B ' || g, 5 FROM generate_series(1, 6000) g",
+        "INSERT INTO subscriptions (account_id, source, subscription_id, status) SELECT id, 'b', 's' || id, 'active' FROM accounts",
+        "INSERT INTO invoices (account_id, source, invoice_id, amount, due_date, status)
+         SELECT id, 'b', 'i' || id, 100, current_date - 40, 'open' FROM accounts WHERE id % 100 = 0",
+    ] {
+        exec(&mut conn, sql).await;
+    }
+    drop(conn);
+    // The smallest pool healthd accepts: the loader keeps one connection, the writers share the other.
+    let pool = healthd::db::connect(db.url(), 2).await.unwrap();
+    let s = rescore_at(&pool, RescoreScope::All, now).await.unwrap();
+    assert_eq!(s.accounts_scored, 6000);
+    assert_eq!(s.changed_account_ids.len(), 6000);
+    assert_eq!(s.feed_ids.len(), 6000);
+    assert_eq!(s.history_rows, 6000);
+    assert!(
+        s.feed_ids.windows(2).all(|w| w[0] < w[1]),
+        "feed ids are unique"
+    );
+    assert_eq!(
+        count(&pool, "SELECT COUNT(*) AS n FROM health_current").await,
+        6000
+    );
+    assert_eq!(
+        count(&pool, "SELECT COUNT(*) AS n FROM health_current WHERE tier <> 'healthy'").await,
+        60,
+        "the overdue accounts, and only those"
+    );
+    // Steady state an hour later: nothing changed, nothing but computed_at written.
+    let again = rescore_at(&pool, RescoreScope::All, now + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(again.accounts_scored, 6000);
+    assert!(again.changed_account_ids.is_empty() && again.history_rows == 0);
+    assert_eq!(
+        count(&pool, "SELECT COUNT(*) AS n FROM health_scores").await,
+        6000
+    );
+}

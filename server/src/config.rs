@@ -160,7 +160,14 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if config.pool_size < 2 {
+            return Err(format!(
+                "pool_size = {} is too small: at least 2 connections are needed (a rescore loads on one while it writes on another)",
+                config.pool_size
+            ));
+        }
+        Ok(config)
     }
 
     /// Environment overrides; `lookup` is injectable for tests.
@@ -220,6 +227,13 @@ mod tests {
         assert_eq!(config.connectors[0].settings["dir"], "/srv/drops");
         assert_eq!(config.connectors[0].timeout_secs, 3600);
         assert!(config.database_url.is_none());
+    }
+
+    #[test]
+    fn a_pool_too_small_to_rescore_is_refused() {
+        let e = Config::from_toml("pool_size = 1").unwrap_err();
+        assert!(e.contains("at least 2"), "{e}");
+        assert_eq!(Config::from_toml("pool_size = 2").unwrap().pool_size, 2);
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub async fn rescore_at(
     };
 
     // The scoring and writing stage: WRITERS tasks (so scoring and serialising run beside the
-    // loader's decoding), each with its own connection, taken when its first batch is ready.
+    // loader's decoding), each taking a pool connection per batch (so a pool of two suffices).
     let (tx, rx) = mpsc::channel::<Vec<AccountInputs>>(WRITE_QUEUE);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let writers: Vec<_> = (0..WRITERS)
@@ -315,7 +315,6 @@ async fn write_stage(
     now: DateTime<Utc>,
 ) -> Result<WriteTotals, ScoringError> {
     let mut totals = WriteTotals::default();
-    let mut conn = None;
     loop {
         // The lock is held only while waiting for the next batch, not while writing it.
         let Some(inputs) = rx.lock().await.recv().await else {
@@ -333,15 +332,15 @@ async fn write_stage(
         if scores.is_empty() {
             continue;
         }
-        let conn = match &mut conn {
-            Some(c) => c,
-            None => conn.insert(pool.get_owned().await?),
-        };
+        // A connection per batch, returned right after: with a small pool the writers take turns
+        // instead of one waiting for a connection the other holds for the whole run.
+        let mut conn = pool.get().await?;
         let phase = Instant::now();
-        let written = write_batch(conn, &scores, now).await?;
+        let written = write_batch(&mut conn, &scores, now).await?;
         if let Some(max) = written.feed_ids.iter().max().copied() {
-            notify_score_change(conn, max).await;
+            notify_score_change(&mut conn, max).await;
         }
+        drop(conn);
         totals.write_ms += phase.elapsed().as_millis() as u64;
         totals.history_rows += written.history_rows;
         totals.changed.extend(written.changed);
