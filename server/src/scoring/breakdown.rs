@@ -110,7 +110,6 @@ mod tests {
             stale: false,
             source: source.into(),
             configured_weight: 22.0,
-            details: serde_json::json!({"days": 21}),
         }
     }
 

@@ -90,10 +90,6 @@ pub struct SignalScore {
     /// The weight the model configures, before sharing out missing signals' weight.
     #[serde(default)]
     pub configured_weight: f64,
-    /// Raw numbers behind the explanation, for callers in this process; not stored (it would
-    /// double the size of every stored breakdown).
-    #[serde(default, skip_serializing)]
-    pub details: serde_json::Value,
 }
 
 /// A computed score.
@@ -305,7 +301,6 @@ pub fn score_account(
                     stale: false,
                     source: key.source().as_str().into(),
                     configured_weight: configured,
-                    details: e.details,
                 });
             }
             None => out.push(SignalScore {
@@ -321,7 +316,6 @@ pub fn score_account(
                 stale: false,
                 source: key.source().as_str().into(),
                 configured_weight: configured,
-                details: serde_json::Value::Null,
             }),
         }
     }
@@ -354,7 +348,6 @@ pub fn score_account(
                 stale: false,
                 source: "model".into(),
                 configured_weight: 0.0,
-                details: serde_json::json!({ "override": o.name, "cap": o.cap, "uncapped_score": round2(raw) }),
             });
         }
     }
@@ -384,7 +377,6 @@ pub fn score_account(
             stale: true,
             source: s.kind.as_str().into(),
             configured_weight: 0.0,
-            details: serde_json::json!({ "age_hours": round2(s.age_hours), "max_age_hours": s.max_age_hours }),
         });
     }
     let score = round_score(score);

@@ -185,8 +185,6 @@ pub struct SignalEval {
     pub value: f64,
     pub score: f64,
     pub explanation: String,
-    /// Raw numbers behind the explanation (kept in the stored JSON as `details`).
-    pub details: serde_json::Value,
 }
 
 /// Formats cents as `$1,200.00`.
@@ -246,7 +244,6 @@ pub fn login_recency(u: &UsageFacts, now: DateTime<Utc>, cfg: &ModelConfig) -> S
         value,
         score: cfg.curves.login_recency_days.eval(value),
         explanation,
-        details: serde_json::json!({ "last_login_day": u.last_seen_day, "days_since_login": value }),
     }
 }
 
@@ -264,7 +261,6 @@ pub fn breadth(u: &UsageFacts, fields: &AccountFields, cfg: &ModelConfig) -> Sig
                     "{users} of {} active in the last 30 days",
                     plural(seats as i64, "seat", "seats")
                 ),
-                details: serde_json::json!({ "active_users_30d": users, "seats": seats, "ratio": ratio }),
             }
         }
         None => SignalEval {
@@ -275,7 +271,6 @@ pub fn breadth(u: &UsageFacts, fields: &AccountFields, cfg: &ModelConfig) -> Sig
                 "{} active in the last 30 days (seat count unknown)",
                 plural(users, "user", "users")
             ),
-            details: serde_json::json!({ "active_users_30d": users, "seats": null }),
         },
     }
 }
@@ -288,7 +283,6 @@ pub fn frequency(u: &UsageFacts, cfg: &ModelConfig) -> SignalEval {
         value: d as f64,
         score: cfg.curves.frequency_active_days.eval(d as f64),
         explanation: format!("Active on {d} of the last 30 days"),
-        details: serde_json::json!({ "active_days_30d": d }),
     }
 }
 
@@ -319,7 +313,6 @@ pub fn usage_trend(u: &UsageFacts, cfg: &ModelConfig) -> SignalEval {
         value: pct,
         score: cfg.curves.usage_trend_pct.eval(pct),
         explanation,
-        details: serde_json::json!({ "events_30d": now, "events_prev_30d": before, "change_pct": pct }),
     }
 }
 
@@ -361,7 +354,6 @@ pub fn feature_adoption(
         value: used.len() as f64,
         score: cfg.curves.feature_adoption_ratio.eval(ratio),
         explanation,
-        details: serde_json::json!({ "used": used, "of": key_features.len(), "ratio": ratio }),
     })
 }
 
@@ -448,14 +440,6 @@ pub fn support(
         value: s.tickets_30d as f64,
         score: score.clamp(0.0, 1.0),
         explanation,
-        details: serde_json::json!({
-            "tickets_30d": s.tickets_30d,
-            "open_urgent": s.open_urgent,
-            "open_high": s.open_high,
-            "oldest_open_urgent_days": wait_days,
-            "csat_avg": s.csat_avg,
-            "csat_count": s.csat_count,
-        }),
     }
 }
 
@@ -514,14 +498,6 @@ pub fn billing(b: &BillingFacts, cfg: &ModelConfig) -> SignalEval {
         value: b.max_days_overdue as f64,
         score,
         explanation,
-        details: serde_json::json!({
-            "subscription_status": b.subscription_status,
-            "cancel_at_period_end": b.cancel_at_period_end,
-            "current_period_end": b.current_period_end,
-            "overdue_invoices": b.overdue_count,
-            "overdue_amount": b.overdue_cents as f64 / 100.0,
-            "max_days_overdue": b.max_days_overdue,
-        }),
     }
 }
 
