@@ -869,3 +869,36 @@ async fn complexity_limit_bounds_big_queries() {
     let response = api.raw(&heavy(50), json!({}), true).await;
     assert!(response.errors.is_empty(), "{:?}", response.errors);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_record_their_last_use_to_the_minute() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let (token, secret) = healthd::auth::create_token(pool, "dashboard", Role::Viewer)
+        .await
+        .unwrap();
+    assert!(token.last_used_at.is_none());
+    let viewer = healthd::auth::authenticate(pool, &secret).await.unwrap();
+    assert_eq!(viewer.map(|v| v.token_id), Some(token.id));
+    let used = |tokens: Vec<healthd::auth::ApiToken>| {
+        tokens
+            .into_iter()
+            .find(|t| t.id == token.id)
+            .unwrap()
+            .last_used_at
+    };
+    let first = used(healthd::auth::tokens::list_tokens(pool).await.unwrap())
+        .expect("the first use is recorded");
+    assert!((Utc::now() - first).num_seconds().abs() < 60);
+    // Within the minute another request does not write again.
+    healthd::auth::authenticate(pool, &secret).await.unwrap();
+    assert_eq!(
+        used(healthd::auth::tokens::list_tokens(pool).await.unwrap()),
+        Some(first)
+    );
+    // An unknown token records nothing and authenticates no one.
+    assert!(healthd::auth::authenticate(pool, "hd_nope")
+        .await
+        .unwrap()
+        .is_none());
+}

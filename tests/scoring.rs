@@ -1116,7 +1116,11 @@ async fn many_batches_rescore_through_a_pool_of_two() {
         6000
     );
     assert_eq!(
-        count(&pool, "SELECT COUNT(*) AS n FROM health_current WHERE tier <> 'healthy'").await,
+        count(
+            &pool,
+            "SELECT COUNT(*) AS n FROM health_current WHERE tier <> 'healthy'"
+        )
+        .await,
         60,
         "the overdue accounts, and only those"
     );

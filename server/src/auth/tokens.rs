@@ -11,6 +11,9 @@ use super::{Role, Viewer};
 use crate::db::schema::api_tokens;
 use crate::db::{DbError, DbPool};
 
+/// How stale `api_tokens.last_used_at` may get before a request refreshes it.
+const LAST_USED_RESOLUTION_SECS: i64 = 60;
+
 /// Prefix that makes healthd tokens recognisable in logs and secret scanners.
 const TOKEN_PREFIX: &str = "hd_";
 
@@ -79,14 +82,34 @@ pub async fn authenticate(pool: &DbPool, secret: &str) -> Result<Option<Viewer>,
         return Ok(None);
     }
     let mut conn = pool.get().await?;
-    let found: Option<(i64, String, String)> = api_tokens::table
+    let found: Option<(i64, String, String, Option<DateTime<Utc>>)> = api_tokens::table
         .filter(api_tokens::token_hash.eq(hash_token(secret)))
         .filter(api_tokens::revoked_at.is_null())
-        .select((api_tokens::id, api_tokens::name, api_tokens::role))
+        .select((
+            api_tokens::id,
+            api_tokens::name,
+            api_tokens::role,
+            api_tokens::last_used_at,
+        ))
         .first(&mut conn)
         .await
         .optional()?;
-    Ok(found.and_then(|(token_id, name, role)| {
+    if let Some((token_id, _, _, last_used)) = &found {
+        // `lastUsedAt` to the minute: at most one write per token a minute, not one per request.
+        let due = last_used
+            .is_none_or(|t| Utc::now() - t >= chrono::Duration::seconds(LAST_USED_RESOLUTION_SECS));
+        if due {
+            let stamped = diesel::update(api_tokens::table.filter(api_tokens::id.eq(token_id)))
+                .set(api_tokens::last_used_at.eq(diesel::dsl::now))
+                .execute(&mut conn)
+                .await;
+            if let Err(e) = stamped {
+                // The caller is authenticated either way; the stamp is bookkeeping.
+                tracing::warn!(error = %e, token_id, "could not record the token's last use");
+            }
+        }
+    }
+    Ok(found.and_then(|(token_id, name, role, _)| {
         Role::parse(&role).map(|role| Viewer {
             token_id,
             name,

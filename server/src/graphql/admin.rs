@@ -14,6 +14,7 @@ pub struct ApiTokenInfo {
     pub name: String,
     pub role: Role,
     pub created_at: DateTime<Utc>,
+    /// When a request last authenticated with this token, to the minute; null if never used.
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
