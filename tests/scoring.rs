@@ -155,9 +155,9 @@ impl Current {
 async fn current(pool: &DbPool, id: i64) -> Current {
     let mut conn = pool.get().await.unwrap();
     diesel::sql_query(
-        "SELECT h.score, h.tier, h.stale, h.model_version, hs.signals, h.previous_score, h.score_change
+        "SELECT h.score, h.tier, h.stale, h.model_version, coalesce(h.signals, hs.signals) AS signals, h.previous_score, h.score_change
          FROM health_current h
-         JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
+         LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
          WHERE h.account_id = $1",
     )
     .bind::<BigInt, _>(id)
@@ -1133,5 +1133,74 @@ async fn many_batches_rescore_through_a_pool_of_two() {
     assert_eq!(
         count(&pool, "SELECT COUNT(*) AS n FROM health_scores").await,
         6000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_breakdown_under_the_same_score_is_current_without_a_history_row() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let now = t0();
+    let mut conn = pool.get().await.unwrap();
+    let id = account(&mut conn, "steady", 10, "pro").await;
+    usage(&mut conn, id, now, 0, 59, 5, 5).await;
+    paid_up(&mut conn, id, now).await;
+    drop(conn);
+    rescore_at(pool, RescoreScope::All, now).await.unwrap();
+    let before = current(pool, id).await;
+    assert_eq!(before.signal("usage_trend").score, 1.0);
+
+    // More use today: the trend's number moves, its score (saturated) and the total do not.
+    let mut conn = pool.get().await.unwrap();
+    exec(
+        &mut conn,
+        &format!(
+            "UPDATE usage_daily SET events = events + 100 WHERE account_id = {id} AND day = '{}'",
+            now.date_naive()
+        ),
+    )
+    .await;
+    drop(conn);
+    let later = rescore_at(pool, RescoreScope::All, now + Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(later.changed_account_ids.is_empty());
+    assert_eq!(
+        later.history_rows, 0,
+        "history follows score and tier, not every number"
+    );
+    let after = current(pool, id).await;
+    assert_eq!(after.score, before.score);
+    let trend = after.signal("usage_trend");
+    assert!(
+        trend.value > 0.0 && trend.explanation.starts_with("Usage up"),
+        "the current breakdown is the new one: {}",
+        trend.explanation
+    );
+    let held = "SELECT COUNT(*) AS n FROM health_current WHERE signals IS NOT NULL";
+    assert_eq!(count(pool, held).await, 1, "held by the current row");
+
+    // The daily history row takes the restated breakdown over.
+    let next_day = rescore_at(
+        pool,
+        RescoreScope::Accounts(vec![id]),
+        now + Duration::hours(24) + Duration::minutes(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_day.history_rows, 1);
+    assert_eq!(count(pool, held).await, 0);
+    let today = current(pool, id).await;
+    assert!(today
+        .signal("usage_trend")
+        .explanation
+        .starts_with("Usage up"));
+    assert_eq!(
+        count(
+            pool,
+            &format!("SELECT COUNT(*) AS n FROM health_scores WHERE account_id = {id}")
+        )
+        .await,
+        2
     );
 }

@@ -149,7 +149,7 @@ pub async fn current(pool: &DbPool, account_ids: &[i64]) -> Result<HashMap<i64, 
     let mut conn = pool.get().await?;
     let rows: Vec<HealthRow> = diesel::sql_query(
         "SELECT 0::bigint AS ord, h.account_id, h.computed_at, h.score, h.tier, h.stale, h.model_version, \
-                coalesce(hs.signals, '[]'::json) AS signals, h.previous_score \
+                coalesce(h.signals, hs.signals, '[]'::json) AS signals, h.previous_score \
          FROM health_current h \
          LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at \
          WHERE h.account_id = ANY($1)",

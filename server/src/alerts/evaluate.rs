@@ -58,7 +58,7 @@ facts AS (
         FROM (
             SELECT x.s, (x.s ->> 'impact')::float8 AS impact,
                    row_number() OVER (ORDER BY (x.s ->> 'impact')::float8 DESC) AS rn
-            FROM json_array_elements(CASE WHEN json_typeof(hcs.signals) = 'array' THEN hcs.signals ELSE '[]'::json END) AS x(s)
+            FROM json_array_elements(CASE WHEN json_typeof(coalesce(hc.signals, hcs.signals)) = 'array' THEN coalesce(hc.signals, hcs.signals) ELSE '[]'::json END) AS x(s)
             WHERE json_typeof(x.s -> 'impact') = 'number' AND (x.s ->> 'impact')::float8 > 0
         ) d
     ) drv ON true

@@ -132,6 +132,7 @@ diesel::table! {
         model_version -> Int4,
         previous_score -> Nullable<Float8>,
         score_change -> Float8,
+        signals -> Nullable<Json>,
         signals_digest -> Nullable<Int8>,
         history_at -> Nullable<Timestamptz>,
     }

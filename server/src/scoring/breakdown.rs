@@ -1,6 +1,7 @@
-//! The stored breakdown: how a score's signals are kept in `health_scores.signals`. Each breakdown
-//! is stored once: the current score names its history row (`health_current.history_at`) and a feed
-//! row's drivers are derived from the history row written with it.
+//! The stored breakdown: how a score's signals are kept in `health_scores.signals` (and in
+//! `health_current.signals` while a current score's breakdown has changed since its last history
+//! row). Each breakdown is stored once; a feed row's drivers are derived from the history row
+//! written with it.
 //!
 //! Every rescore writes one breakdown per changed account, often 100,000 at once, so the stored form
 //! holds only what cannot be derived: `key`, `value`, `score`, `weight`, `contribution`, `impact`,

@@ -135,7 +135,7 @@ pub async fn health_change(
     }
     let to_row: Option<Row> = if to.is_none() {
         diesel::sql_query(
-            "SELECT h.computed_at, h.score, h.model_version, coalesce(hs.signals, '[]'::json) AS signals
+            "SELECT h.computed_at, h.score, h.model_version, coalesce(h.signals, hs.signals, '[]'::json) AS signals
              FROM health_current h
              LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
              WHERE h.account_id = $1",

@@ -11,8 +11,9 @@
 //! # The stored `signals` JSON (contract with the read API)
 //!
 //! `health_scores.signals` (a `json` column) holds an array of objects with these keys ([`breakdown`]
-//! writes them). Each breakdown is stored once: the current score (`health_current`) names the
-//! history row holding its breakdown in `history_at`.
+//! writes them). Each breakdown is stored once: the current score's is `health_current.signals` when
+//! set (its breakdown changed since its last history row, score and tier did not), else that of the
+//! history row `health_current.history_at` names.
 //!
 //! | key | meaning |
 //! | --- | --- |

@@ -418,13 +418,15 @@ fn digest(text: &str) -> i64 {
     h as i64
 }
 
-/// Writes one batch of scores in one transaction. Each breakdown is stored once, in
-/// `health_scores`; `health_current.history_at` names the history row holding the current one.
-/// - accounts whose score, tier, staleness, model and signals are all unchanged only get their
-///   `computed_at` moved, or, when their last history row is a day old, a copy of that row made
-///   inside the database (the breakdown is not resent);
-/// - the others get a history row with their new breakdown and their current row upserted, in one
-///   `UNNEST` statement;
+/// Writes one batch of scores in one transaction. Each breakdown is stored once: in the history
+/// row `health_current.history_at` names, or, when it changed since without a change of score or
+/// tier, in `health_current.signals` (history rows follow score and tier changes plus one a day,
+/// not every new number in an explanation).
+/// - a changed score or tier, or a changed breakdown once the last history row is a day old: a
+///   history row with the new breakdown and the current row upserted, in one `UNNEST` statement;
+/// - a changed breakdown under the same score and tier: the current row restated, no history row;
+/// - nothing changed: only `computed_at` moves, or, when the last history row is a day old, the
+///   current breakdown is copied into a new history row inside the database (not resent);
 /// - feed rows for score or tier changes are appended in the same transaction.
 async fn write_batch(
     conn: &mut AsyncPgConnection,
@@ -452,8 +454,9 @@ async fn write_batch(
         .await?;
         let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
 
-        // New breakdown / same breakdown with a daily history row due / same breakdown.
+        // New history row / restated current row / daily copy / computed_at only.
         let mut fresh: Vec<usize> = Vec::new();
+        let mut restate: Vec<usize> = Vec::new();
         let mut carry: Vec<i64> = Vec::new();
         let mut touch: Vec<i64> = Vec::new();
         let mut changed: Vec<usize> = Vec::new();
@@ -482,8 +485,10 @@ async fn write_batch(
                 Some(p) if is_change => Some(p.score),
                 Some(p) => p.previous_score,
             });
-            if !same_content {
+            if is_change || (!same_content && history_due) {
                 fresh.push(i);
+            } else if !same_content {
+                restate.push(i);
             } else if history_due {
                 carry.push(s.account_id);
             } else {
@@ -501,23 +506,49 @@ async fn write_batch(
             .await?;
         }
         if !carry.is_empty() {
-            // The day's history row for an unchanged score: a copy of the latest one, moved to now.
+            // The day's history row for an unchanged score: the current breakdown (restated in the
+            // current row, or that of the last history row) copied to now.
             diesel::sql_query(
                 "WITH copied AS (
                     INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                    SELECT hs.account_id, $1, hs.score, hs.tier, hs.stale, hs.model_version, hs.signals
+                    SELECT h.account_id, $1, h.score, h.tier, h.stale, h.model_version, coalesce(h.signals, hs.signals)
                     FROM health_current h
-                    JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
+                    LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
                     WHERE h.account_id = ANY($2) AND h.computed_at <= $1
+                      AND coalesce(h.signals, hs.signals) IS NOT NULL
                     ON CONFLICT (account_id, computed_at) DO UPDATE SET
                        score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
                        model_version = EXCLUDED.model_version, signals = EXCLUDED.signals
                     RETURNING account_id)
-                 UPDATE health_current h SET computed_at = $1, history_at = $1
+                 UPDATE health_current h SET computed_at = $1, history_at = $1, signals = NULL
                  FROM copied c WHERE h.account_id = c.account_id",
             )
             .bind::<Timestamptz, _>(now)
             .bind::<Array<BigInt>, _>(&carry)
+            .execute(conn)
+            .await?;
+        }
+        if !restate.is_empty() {
+            // Same score and tier, new numbers in the breakdown: the current row holds it until the
+            // next history row takes it over.
+            let r_ids: Vec<i64> = restate.iter().map(|&i| ids[i]).collect();
+            let r_stale: Vec<bool> = restate.iter().map(|&i| scores[i].stale).collect();
+            let r_version: Vec<i32> = restate.iter().map(|&i| scores[i].model_version).collect();
+            let r_signals: Vec<&str> = restate.iter().map(|&i| texts[i].as_str()).collect();
+            let r_digest: Vec<i64> = restate.iter().map(|&i| digests[i]).collect();
+            diesel::sql_query(
+                "UPDATE health_current h SET computed_at = $1, stale = x.stale, model_version = x.model_version,
+                        signals = x.signals::json, signals_digest = x.digest
+                 FROM unnest($2::bigint[], $3::bool[], $4::int[], $5::text[], $6::bigint[])
+                      AS x(account_id, stale, model_version, signals, digest)
+                 WHERE h.account_id = x.account_id AND h.computed_at <= $1",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Array<BigInt>, _>(&r_ids)
+            .bind::<Array<Bool>, _>(&r_stale)
+            .bind::<Array<Integer>, _>(&r_version)
+            .bind::<Array<Text>, _>(&r_signals)
+            .bind::<Array<BigInt>, _>(&r_digest)
             .execute(conn)
             .await?;
         }
@@ -548,13 +579,15 @@ async fn write_batch(
                        score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
                        model_version = EXCLUDED.model_version, signals = EXCLUDED.signals)
                  INSERT INTO health_current
-                    (account_id, computed_at, score, tier, stale, model_version, history_at, signals_digest, previous_score, score_change)
-                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, $1, x.digest, x.previous_score, x.score_change
+                    (account_id, computed_at, score, tier, stale, model_version, history_at, signals, signals_digest,
+                     previous_score, score_change)
+                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, $1, NULL, x.digest,
+                        x.previous_score, x.score_change
                  FROM x
                  ON CONFLICT (account_id) DO UPDATE SET
                     computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
                     stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, history_at = EXCLUDED.history_at,
-                    signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
+                    signals = NULL, signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
                     score_change = EXCLUDED.score_change
                  WHERE health_current.computed_at <= EXCLUDED.computed_at",
             )
