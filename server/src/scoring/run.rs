@@ -1,10 +1,11 @@
-//! Bulk rescoring as a two-stage pipeline. The loader loads inputs per batch of accounts (one
-//! statement) and scores them in Rust; a writer task writes each scored batch in one transaction
-//! with multi-row `UNNEST` statements: `health_current` for every account, `health_scores` when the
-//! score or tier changed or the last history row is a day old, and `score_changes` (the durable feed)
-//! when the score or tier changed. The stages run on separate connections (and threads), joined by a
-//! bounded channel, so loading batch N+1 overlaps writing batch N and memory stays at a few batches.
-//! After each commit, `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
+//! Bulk rescoring as a two-stage pipeline. The loader reads the inputs of a batch of accounts with
+//! one statement and hands the batch on; writer tasks score each batch in Rust and write it in one
+//! transaction with multi-row `UNNEST` statements: `health_current` for every account,
+//! `health_scores` when the score or tier changed or the last history row is a day old, and
+//! `score_changes` (the durable feed) when the score or tier changed (see [`write_batch`]). The
+//! stages run on separate connections and threads, joined by a bounded channel, so loading overlaps
+//! scoring and writing and memory stays at a few batches. After each commit,
+//! `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,14 +20,17 @@ use tokio::sync::mpsc;
 use super::breakdown;
 use super::engine::{self, EngineContext, Score};
 use super::inputs::{self, BATCH_SIZE};
+use super::model::{self, ActiveModels};
 use super::signals::AccountInputs;
+use super::ScoringError;
+use crate::db::DbPool;
 
-/// Scored batches waiting for the writer. One lets the loader run a batch ahead of the writer
-/// (loading and writing cost about the same); more would only hold more memory.
+/// Loaded batches waiting for a writer. One lets the loader run a batch ahead; more would only
+/// hold more memory.
 const WRITE_QUEUE: usize = 1;
 
-/// Writer tasks. Loading and writing each keep one core busy while batches are being loaded; once
-/// the last batch is loaded, a second writer puts the loader's core to work on the remaining writes.
+/// Writer tasks. While batches are being loaded, loading and writing each keep a core busy; once
+/// the last batch is loaded, the second writer puts the loader's core to work on what is left.
 /// Feed rows still commit in id order (see [`FEED_LOCK`]).
 const WRITERS: usize = 2;
 
@@ -34,9 +38,6 @@ const WRITERS: usize = 2;
 /// id order across concurrent writers and processes: a reader that resumes after the highest id
 /// it saw can never miss a row committed later with a lower id.
 const FEED_LOCK: i64 = 7_368_500_050;
-use super::model::{self, ActiveModels};
-use super::ScoringError;
-use crate::db::DbPool;
 
 /// Which accounts to rescore.
 #[derive(Debug, Clone, PartialEq, Eq)]
