@@ -5,7 +5,7 @@
 //!   scores, history rebuilds, the model split of `healthChange` and calibration backtests all use it.
 //! - [`inputs`] loads every account's facts as of T with one set-based statement per batch of accounts.
 //! - [`run::rescore`] scores in bulk and writes `health_current`, `health_scores` and `score_changes`
-//!   in one transaction per batch, then `NOTIFY healthd_events`.
+//!   in one transaction per batch (the feed's trigger sends `NOTIFY healthd_events` with it).
 //! - [`model`] holds weights, curves, tiers, caps and segments, versioned in `scoring_models`.
 //!
 //! # The stored `signals` JSON (contract with the read API)

@@ -4,8 +4,8 @@
 //! `health_scores` when the score or tier changed or the last history row is a day old, and
 //! `score_changes` (the durable feed) when the score or tier changed (see [`write_batch`]). The
 //! stages run on separate connections and threads, joined by a bounded channel, so loading overlaps
-//! scoring and writing and memory stays at a few batches. After each commit,
-//! `NOTIFY healthd_events` carries the batch's highest feed id as a wake-up hint.
+//! scoring and writing and memory stays at a few batches. The feed's insert trigger (migration
+//! 000040) sends `NOTIFY healthd_events` with the batch's highest feed id in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -306,9 +306,9 @@ struct WriteTotals {
     write_ms: u64,
 }
 
-/// A scoring and writing task: scores each loaded batch, writes it in its own transaction, then
-/// sends a feed wake-up hint. Stops at its first error (when every writer has stopped, the receiver
-/// is dropped, which stops the loader).
+/// A scoring and writing task: scores each loaded batch and writes it in its own transaction.
+/// Stops at its first error (when every writer has stopped, the receiver is dropped, which stops
+/// the loader).
 async fn write_stage(
     pool: DbPool,
     run: Arc<RunContext>,
@@ -338,9 +338,6 @@ async fn write_stage(
         let mut conn = pool.get().await?;
         let phase = Instant::now();
         let written = write_batch(&mut conn, &scores, now).await?;
-        if let Some(max) = written.feed_ids.iter().max().copied() {
-            notify_score_change(&mut conn, max).await;
-        }
         drop(conn);
         totals.write_ms += phase.elapsed().as_millis() as u64;
         totals.history_rows += written.history_rows;
@@ -367,18 +364,6 @@ async fn next_account_ids(
             .load(conn)
             .await?;
     Ok(rows.into_iter().map(|r| r.id).collect())
-}
-
-/// Best effort: the feed is durable, the notification is only a hint.
-async fn notify_score_change(conn: &mut AsyncPgConnection, max_id: i64) {
-    let payload = serde_json::json!({ "kind": "score_change", "id": max_id }).to_string();
-    if let Err(e) = diesel::sql_query("SELECT pg_notify('healthd_events', $1)")
-        .bind::<Text, _>(payload)
-        .execute(conn)
-        .await
-    {
-        tracing::warn!(error = %e, "NOTIFY healthd_events failed (subscribers will catch up from the feed)");
-    }
 }
 
 #[derive(Default)]
