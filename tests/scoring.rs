@@ -155,10 +155,8 @@ impl Current {
 async fn current(pool: &DbPool, id: i64) -> Current {
     let mut conn = pool.get().await.unwrap();
     diesel::sql_query(
-        "SELECT h.score, h.tier, h.stale, h.model_version, coalesce(h.signals, hs.signals) AS signals, h.previous_score, h.score_change
-         FROM health_current h
-         LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
-         WHERE h.account_id = $1",
+        "SELECT score, tier, stale, model_version, signals, previous_score, score_change
+         FROM current_health_scores WHERE account_id = $1",
     )
     .bind::<BigInt, _>(id)
     .get_result(&mut conn)

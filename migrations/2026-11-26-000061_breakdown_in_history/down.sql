@@ -1,3 +1,4 @@
+DROP VIEW current_health_scores;
 UPDATE health_current h SET signals = hs.signals
 FROM health_scores hs
 WHERE h.signals IS NULL AND hs.account_id = h.account_id AND hs.computed_at = h.history_at;

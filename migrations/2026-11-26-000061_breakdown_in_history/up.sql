@@ -11,3 +11,11 @@ ON CONFLICT (account_id, computed_at) DO UPDATE SET
     score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
     model_version = EXCLUDED.model_version, signals = EXCLUDED.signals;
 UPDATE health_current SET history_at = computed_at, signals = NULL;
+
+-- Each account's current score with its breakdown resolved: the one place that says where the
+-- current breakdown is. Readers use this view rather than repeating the rule.
+CREATE VIEW current_health_scores AS
+SELECT h.account_id, h.computed_at, h.score, h.tier, h.stale, h.model_version, h.previous_score,
+       h.score_change, coalesce(h.signals, hs.signals) AS signals
+FROM health_current h
+LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at;

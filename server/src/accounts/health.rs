@@ -148,11 +148,9 @@ pub async fn current(pool: &DbPool, account_ids: &[i64]) -> Result<HashMap<i64, 
     }
     let mut conn = pool.get().await?;
     let rows: Vec<HealthRow> = diesel::sql_query(
-        "SELECT 0::bigint AS ord, h.account_id, h.computed_at, h.score, h.tier, h.stale, h.model_version, \
-                coalesce(h.signals, hs.signals, '[]'::json) AS signals, h.previous_score \
-         FROM health_current h \
-         LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at \
-         WHERE h.account_id = ANY($1)",
+        "SELECT 0::bigint AS ord, account_id, computed_at, score, tier, stale, model_version, \
+                coalesce(signals, '[]'::json) AS signals, previous_score \
+         FROM current_health_scores WHERE account_id = ANY($1)",
     )
     .bind::<Array<BigInt>, _>(account_ids)
     .load(&mut conn)

@@ -48,9 +48,7 @@ facts AS (
            tk.open_n AS urgent_open, tk.old_n AS urgent_old, tk.oldest_days AS urgent_oldest_days
     FROM scope sc
     CROSS JOIN st
-    LEFT JOIN health_current hc ON hc.account_id = sc.id
-    -- The current breakdown lives in the history row the current score names.
-    LEFT JOIN health_scores hcs ON hcs.account_id = hc.account_id AND hcs.computed_at = hc.history_at
+    LEFT JOIN current_health_scores hc ON hc.account_id = sc.id
     -- The score's drivers (signals that cost points), worst first; the top three explain the alert.
     LEFT JOIN LATERAL (
         SELECT jsonb_agg(d.s::jsonb ORDER BY d.impact DESC) AS drivers,
@@ -58,7 +56,7 @@ facts AS (
         FROM (
             SELECT x.s, (x.s ->> 'impact')::float8 AS impact,
                    row_number() OVER (ORDER BY (x.s ->> 'impact')::float8 DESC) AS rn
-            FROM json_array_elements(CASE WHEN json_typeof(coalesce(hc.signals, hcs.signals)) = 'array' THEN coalesce(hc.signals, hcs.signals) ELSE '[]'::json END) AS x(s)
+            FROM json_array_elements(CASE WHEN json_typeof(hc.signals) = 'array' THEN hc.signals ELSE '[]'::json END) AS x(s)
             WHERE json_typeof(x.s -> 'impact') = 'number' AND (x.s ->> 'impact')::float8 > 0
         ) d
     ) drv ON true

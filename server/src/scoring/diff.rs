@@ -135,16 +135,14 @@ pub async fn health_change(
     }
     let to_row: Option<Row> = if to.is_none() {
         diesel::sql_query(
-            "SELECT h.computed_at, h.score, h.model_version, coalesce(h.signals, hs.signals, '[]'::json) AS signals
-             FROM health_current h
-             LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
-             WHERE h.account_id = $1",
+            "SELECT computed_at, score, model_version, coalesce(signals, '[]'::json) AS signals
+             FROM current_health_scores WHERE account_id = $1",
         )
-            .bind::<BigInt, _>(account_id)
-            .load(&mut conn)
-            .await?
-            .into_iter()
-            .next()
+        .bind::<BigInt, _>(account_id)
+        .load(&mut conn)
+        .await?
+        .into_iter()
+        .next()
     } else {
         diesel::sql_query(at_or_before)
             .bind::<BigInt, _>(account_id)

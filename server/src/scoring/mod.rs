@@ -13,7 +13,8 @@
 //! `health_scores.signals` (a `json` column) holds an array of objects with these keys ([`breakdown`]
 //! writes them). Each breakdown is stored once: the current score's is `health_current.signals` when
 //! set (its breakdown changed since its last history row, score and tier did not), else that of the
-//! history row `health_current.history_at` names.
+//! history row `health_current.history_at` names. The view `current_health_scores` resolves it;
+//! readers use the view.
 //!
 //! | key | meaning |
 //! | --- | --- |

@@ -497,11 +497,9 @@ async fn write_batch(
             diesel::sql_query(
                 "WITH copied AS (
                     INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                    SELECT h.account_id, $1, h.score, h.tier, h.stale, h.model_version, coalesce(h.signals, hs.signals)
-                    FROM health_current h
-                    LEFT JOIN health_scores hs ON hs.account_id = h.account_id AND hs.computed_at = h.history_at
-                    WHERE h.account_id = ANY($2) AND h.computed_at <= $1
-                      AND coalesce(h.signals, hs.signals) IS NOT NULL
+                    SELECT h.account_id, $1, h.score, h.tier, h.stale, h.model_version, h.signals
+                    FROM current_health_scores h
+                    WHERE h.account_id = ANY($2) AND h.computed_at <= $1 AND h.signals IS NOT NULL
                     ON CONFLICT (account_id, computed_at) DO UPDATE SET
                        score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
                        model_version = EXCLUDED.model_version, signals = EXCLUDED.signals
