@@ -181,17 +181,136 @@ fn has_nul(values: &[Option<&str>]) -> bool {
     values.iter().flatten().any(|v| v.contains('\0'))
 }
 
-fn reject(out: &mut Vec<Rejection>, what: &str, key: &str, problem: impl std::fmt::Display) {
+fn rejection(what: &str, key: &str, problem: impl std::fmt::Display) -> Rejection {
     let reason = if key.trim().is_empty() {
         format!("{what}: {problem}")
     } else {
         format!("{what} for account `{key}`: {problem}")
     };
-    out.push(Rejection {
+    Rejection {
         file: None,
         line: None,
         reason,
-    });
+    }
+}
+
+/// What a record is called in rejection messages.
+fn label(record: &Record) -> &'static str {
+    match record {
+        Record::Account(_) => "account",
+        Record::UsageEvent(_) => "usage event",
+        Record::UsageDaily(_) => "daily usage",
+        Record::Ticket(_) => "ticket",
+        Record::Subscription(_) => "subscription",
+        Record::Invoice(_) => "invoice",
+        Record::Churn(_) => "churn",
+    }
+}
+
+/// An invoice's currency as stored: upper-case, `USD` when not given.
+fn invoice_currency(raw: Option<&str>) -> String {
+    raw.map(|c| c.trim().to_ascii_uppercase())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "USD".to_string())
+}
+
+const NUL_FIELD: &str = "a field contains a NUL character";
+
+/// The first reason `record` cannot be ingested, if any. Every check of [`prepare`] lives here, so
+/// laying a record out in columns never has to reject anything.
+fn check(record: &Record) -> Option<Rejection> {
+    let key = record.account_key();
+    if key.trim().is_empty() {
+        return Some(rejection(label(record), "", "missing account key"));
+    }
+    if key.contains('\0') {
+        return Some(rejection(
+            "record",
+            "",
+            "account key contains a NUL character",
+        ));
+    }
+    let what = label(record);
+    let problem: Option<String> = match record {
+        Record::Account(a) => {
+            if has_nul(&[
+                a.name.as_deref(),
+                a.domain.as_deref(),
+                a.owner_email.as_deref(),
+                a.plan.as_deref(),
+            ]) {
+                Some(NUL_FIELD.into())
+            } else if a.seats.is_some_and(|s| s < 0) {
+                Some("seats must not be negative".into())
+            } else {
+                None
+            }
+        }
+        Record::UsageEvent(e) => {
+            if e.event.trim().is_empty() {
+                Some("missing event name".into())
+            } else if e.count < 1 {
+                Some(format!("count must be at least 1, got {}", e.count))
+            } else if has_nul(&[
+                Some(&e.event),
+                e.user_id.as_deref(),
+                e.feature.as_deref(),
+                e.event_id.as_deref(),
+            ]) {
+                Some(NUL_FIELD.into())
+            } else {
+                None
+            }
+        }
+        Record::UsageDaily(d) => {
+            if d.event.trim().is_empty() {
+                Some("missing event name".into())
+            } else if d.count < 0 {
+                Some("count must not be negative".into())
+            } else if has_nul(&[Some(&d.event), d.user_id.as_deref(), d.feature.as_deref()]) {
+                Some(NUL_FIELD.into())
+            } else {
+                None
+            }
+        }
+        Record::Ticket(t) => {
+            if t.ticket_id.trim().is_empty() {
+                Some("missing ticket id".into())
+            } else if let Some(c) = t.csat.filter(|c| !(1..=5).contains(c)) {
+                let what = format!("ticket `{}`", t.ticket_id);
+                return Some(rejection(
+                    &what,
+                    key,
+                    format!("csat must be 1 to 5, got {c}"),
+                ));
+            } else if has_nul(&[Some(&t.ticket_id), t.subject.as_deref()]) {
+                Some(NUL_FIELD.into())
+            } else {
+                None
+            }
+        }
+        Record::Subscription(s) => (s.subscription_id.trim().is_empty()
+            || s.subscription_id.contains('\0'))
+        .then(|| "missing or invalid subscription id".into()),
+        Record::Invoice(i) => {
+            if i.invoice_id.trim().is_empty() || i.invoice_id.contains('\0') {
+                Some("missing or invalid invoice id".into())
+            } else {
+                let c = invoice_currency(i.currency.as_deref());
+                if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                    let what = format!("invoice `{}`", i.invoice_id);
+                    return Some(rejection(
+                        &what,
+                        key,
+                        format!("currency must be a 3-letter code such as USD, got `{c}`"),
+                    ));
+                }
+                None
+            }
+        }
+        Record::Churn(_) => None,
+    };
+    problem.map(|p| rejection(what, key, p))
 }
 
 /// Validates a batch and lays it out in columns. Pure CPU work: runs on the connector's thread.
@@ -211,50 +330,13 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
     };
     let mut bad = Vec::new();
     for record in records {
-        let key = record.account_key();
-        if key.trim().is_empty() {
-            let what = match &record {
-                Record::Account(_) => "account",
-                Record::UsageEvent(_) => "usage event",
-                Record::UsageDaily(_) => "daily usage",
-                Record::Ticket(_) => "ticket",
-                Record::Subscription(_) => "subscription",
-                Record::Invoice(_) => "invoice",
-                Record::Churn(_) => "churn",
-            };
-            reject(&mut bad, what, "", "missing account key");
-            continue;
-        }
-        if key.contains('\0') {
-            reject(
-                &mut bad,
-                "record",
-                "",
-                "account key contains a NUL character",
-            );
+        if let Some(r) = check(&record) {
+            bad.push(r);
             continue;
         }
         let kind = record.kind();
         match record {
             Record::Account(a) => {
-                if has_nul(&[
-                    a.name.as_deref(),
-                    a.domain.as_deref(),
-                    a.owner_email.as_deref(),
-                    a.plan.as_deref(),
-                ]) {
-                    reject(
-                        &mut bad,
-                        "account",
-                        &a.key,
-                        "a field contains a NUL character",
-                    );
-                    continue;
-                }
-                if a.seats.is_some_and(|s| s < 0) {
-                    reject(&mut bad, "account", &a.key, "seats must not be negative");
-                    continue;
-                }
                 let domain = identities::normalize_domain(a.domain.as_deref());
                 let k = keys.idx(&mut out, a.key);
                 if domain.is_some() {
@@ -271,38 +353,6 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
                 c.renewal.push(a.renewal_date);
             }
             Record::UsageEvent(e) => {
-                if e.event.trim().is_empty() {
-                    reject(
-                        &mut bad,
-                        "usage event",
-                        &e.account_key,
-                        "missing event name",
-                    );
-                    continue;
-                }
-                if e.count < 1 {
-                    reject(
-                        &mut bad,
-                        "usage event",
-                        &e.account_key,
-                        format!("count must be at least 1, got {}", e.count),
-                    );
-                    continue;
-                }
-                if has_nul(&[
-                    Some(&e.event),
-                    e.user_id.as_deref(),
-                    e.feature.as_deref(),
-                    e.event_id.as_deref(),
-                ]) {
-                    reject(
-                        &mut bad,
-                        "usage event",
-                        &e.account_key,
-                        "a field contains a NUL character",
-                    );
-                    continue;
-                }
                 let uid = e.uid();
                 let k = keys.idx(&mut out, e.account_key);
                 let c = &mut out.usage;
@@ -315,33 +365,6 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
                 c.count.push(e.count);
             }
             Record::UsageDaily(d) => {
-                if d.event.trim().is_empty() {
-                    reject(
-                        &mut bad,
-                        "daily usage",
-                        &d.account_key,
-                        "missing event name",
-                    );
-                    continue;
-                }
-                if d.count < 0 {
-                    reject(
-                        &mut bad,
-                        "daily usage",
-                        &d.account_key,
-                        "count must not be negative",
-                    );
-                    continue;
-                }
-                if has_nul(&[Some(&d.event), d.user_id.as_deref(), d.feature.as_deref()]) {
-                    reject(
-                        &mut bad,
-                        "daily usage",
-                        &d.account_key,
-                        "a field contains a NUL character",
-                    );
-                    continue;
-                }
                 let k = keys.idx(&mut out, d.account_key);
                 let c = &mut out.daily;
                 c.key.push(k);
@@ -352,28 +375,6 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
                 c.count.push(d.count);
             }
             Record::Ticket(t) => {
-                if t.ticket_id.trim().is_empty() {
-                    reject(&mut bad, "ticket", &t.account_key, "missing ticket id");
-                    continue;
-                }
-                if t.csat.is_some_and(|c| !(1..=5).contains(&c)) {
-                    reject(
-                        &mut bad,
-                        &format!("ticket `{}`", t.ticket_id),
-                        &t.account_key,
-                        format!("csat must be 1 to 5, got {}", t.csat.unwrap_or_default()),
-                    );
-                    continue;
-                }
-                if has_nul(&[Some(&t.ticket_id), t.subject.as_deref()]) {
-                    reject(
-                        &mut bad,
-                        "ticket",
-                        &t.account_key,
-                        "a field contains a NUL character",
-                    );
-                    continue;
-                }
                 let k = keys.idx(&mut out, t.account_key);
                 let c = &mut out.tickets;
                 c.key.push(k);
@@ -386,15 +387,6 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
                 c.csat.push(t.csat.map(i32::from));
             }
             Record::Subscription(s) => {
-                if s.subscription_id.trim().is_empty() || s.subscription_id.contains('\0') {
-                    reject(
-                        &mut bad,
-                        "subscription",
-                        &s.account_key,
-                        "missing or invalid subscription id",
-                    );
-                    continue;
-                }
                 let k = keys.idx(&mut out, s.account_key);
                 let c = &mut out.subscriptions;
                 c.key.push(k);
@@ -405,31 +397,7 @@ pub fn prepare(batch: Batch) -> PreparedBatch {
                 c.cancel.push(s.cancel_at_period_end);
             }
             Record::Invoice(i) => {
-                if i.invoice_id.trim().is_empty() || i.invoice_id.contains('\0') {
-                    reject(
-                        &mut bad,
-                        "invoice",
-                        &i.account_key,
-                        "missing or invalid invoice id",
-                    );
-                    continue;
-                }
-                let currency = match opt(i.currency) {
-                    None => "USD".to_string(),
-                    Some(c) => {
-                        let c = c.trim().to_ascii_uppercase();
-                        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-                            reject(
-                                &mut bad,
-                                &format!("invoice `{}`", i.invoice_id),
-                                &i.account_key,
-                                format!("currency must be a 3-letter code such as USD, got `{c}`"),
-                            );
-                            continue;
-                        }
-                        c
-                    }
-                };
+                let currency = invoice_currency(i.currency.as_deref());
                 let k = keys.idx(&mut out, i.account_key);
                 let c = &mut out.invoices;
                 c.key.push(k);
@@ -1053,6 +1021,55 @@ mod tests {
         assert_eq!(p.domains[1].as_deref(), Some("beta.io"));
         assert_eq!(p.usage.user[0], None);
         assert_eq!(p.cursor.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn invoices_and_accounts_are_checked_with_their_reasons() {
+        let invoice = |id: &str, currency: Option<&str>| {
+            Record::Invoice(healthd_plugin_api::Invoice {
+                account_key: "acme".into(),
+                invoice_id: id.into(),
+                amount: healthd_plugin_api::Money::parse("12.50").unwrap(),
+                currency: currency.map(Into::into),
+                due_date: NaiveDate::from_ymd_opt(2026, 11, 1).unwrap(),
+                paid_at: None,
+                status: healthd_plugin_api::InvoiceStatus::Open,
+            })
+        };
+        let p = prepare(Batch {
+            records: vec![
+                invoice("I1", Some(" eur ")),
+                invoice("I2", None),
+                invoice("I3", Some("euro")),
+                invoice(" ", None),
+                Record::Account(Account {
+                    key: "beta".into(),
+                    seats: Some(-1),
+                    ..Default::default()
+                }),
+                Record::Account(Account {
+                    key: "gamma".into(),
+                    name: Some("a\0b".into()),
+                    ..Default::default()
+                }),
+            ],
+            rejections: vec![],
+            cursor: None,
+        });
+        assert_eq!(
+            p.invoices.currency,
+            vec!["EUR".to_string(), "USD".to_string()]
+        );
+        let reasons: Vec<&str> = p.rejections.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "invoice `I3` for account `acme`: currency must be a 3-letter code such as USD, got `EURO`",
+                "invoice for account `acme`: missing or invalid invoice id",
+                "account for account `beta`: seats must not be negative",
+                "account for account `gamma`: a field contains a NUL character",
+            ]
+        );
     }
 
     #[test]
