@@ -193,6 +193,7 @@ pub async fn rescore_at(
     // A loader error wins (the writers then only stopped for lack of work); otherwise a write error.
     loaded?;
     let mut versions_used = std::collections::BTreeSet::new();
+    let mut all = Written::default();
     for w in written {
         let w = w?;
         // Writers run side by side: each phase took as long as in the busiest writer.
@@ -201,11 +202,12 @@ pub async fn rescore_at(
         summary.accounts_scored += w.accounts_scored;
         summary.accounts_without_data += w.accounts_without_data;
         versions_used.extend(w.model_versions);
-        summary.history_rows += w.history_rows;
-        summary.changed_account_ids.extend(w.changed);
-        summary.feed_ids.extend(w.feed_ids);
+        all.add(w.written);
     }
     summary.model_versions = versions_used.into_iter().collect();
+    summary.history_rows = all.history_rows;
+    summary.changed_account_ids = all.changed;
+    summary.feed_ids = all.feed_ids;
     summary.feed_ids.sort_unstable();
     summary.max_feed_id = summary.feed_ids.last().copied();
     if full {
@@ -293,17 +295,15 @@ async fn load_stage(
     Ok(())
 }
 
-/// What the writer stage did over the whole run.
+/// What one writer task did over the whole run.
 #[derive(Default)]
 struct WriteTotals {
     accounts_scored: usize,
     accounts_without_data: usize,
     model_versions: std::collections::BTreeSet<i32>,
     score_ms: u64,
-    changed: Vec<i64>,
-    feed_ids: Vec<i64>,
-    history_rows: usize,
     write_ms: u64,
+    written: Written,
 }
 
 /// A scoring and writing task: scores each loaded batch and writes it in its own transaction.
@@ -340,9 +340,7 @@ async fn write_stage(
         let written = write_batch(&mut conn, &scores, now).await?;
         drop(conn);
         totals.write_ms += phase.elapsed().as_millis() as u64;
-        totals.history_rows += written.history_rows;
-        totals.changed.extend(written.changed);
-        totals.feed_ids.extend(written.feed_ids);
+        totals.written.add(written);
     }
     Ok(totals)
 }
@@ -366,11 +364,20 @@ async fn next_account_ids(
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
+/// What was written: per batch, then summed per writer and per run.
 #[derive(Default)]
 struct Written {
     changed: Vec<i64>,
     feed_ids: Vec<i64>,
     history_rows: usize,
+}
+
+impl Written {
+    fn add(&mut self, other: Written) {
+        self.changed.extend(other.changed);
+        self.feed_ids.extend(other.feed_ids);
+        self.history_rows += other.history_rows;
+    }
 }
 
 #[derive(QueryableByName)]
@@ -404,16 +411,83 @@ fn digest(text: &str) -> i64 {
     h as i64
 }
 
+/// What becomes of one account's score in [`write_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// A history row with the new breakdown, and the current row upserted to name it: a changed
+    /// score or tier, a first score, or a changed breakdown once the last history row is a day old.
+    Fresh,
+    /// Same score and tier, new numbers in the breakdown: the current row holds the breakdown until
+    /// the next history row takes it over.
+    Restate,
+    /// Nothing changed but the last history row is a day old: the day's history row is a copy of the
+    /// current breakdown made inside the database.
+    Carry,
+    /// Nothing changed: only `computed_at` moves.
+    Touch,
+}
+
+/// The decisions for one batch, made from the locked current rows (pure, so testable alone).
+struct BatchPlan {
+    /// Per score, in batch order.
+    writes: Vec<Write>,
+    /// The score before this one, as `health_current.previous_score` keeps it.
+    previous_scores: Vec<Option<f64>>,
+    /// Indexes of the scores whose score or tier changed (first scores included): the feed rows.
+    changed: Vec<usize>,
+}
+
+fn plan_batch(
+    scores: &[Score],
+    digests: &[i64],
+    prev: &HashMap<i64, Previous>,
+    now: DateTime<Utc>,
+) -> BatchPlan {
+    let mut plan = BatchPlan {
+        writes: Vec::with_capacity(scores.len()),
+        previous_scores: Vec::with_capacity(scores.len()),
+        changed: Vec::new(),
+    };
+    for (i, s) in scores.iter().enumerate() {
+        let p = prev.get(&s.account_id);
+        let is_change =
+            p.is_none_or(|p| (p.score - s.score).abs() > 1e-9 || p.tier != s.tier.as_str());
+        let same_content = !is_change
+            && p.is_some_and(|p| {
+                p.history_at.is_some()
+                    && p.signals_digest == Some(digests[i])
+                    && p.stale == s.stale
+                    && p.model_version == s.model_version
+            });
+        let history_due = p
+            .and_then(|p| p.history_at)
+            .is_none_or(|t| now - t >= Duration::hours(24));
+        if is_change {
+            plan.changed.push(i);
+        }
+        // previous_score moves only when the score changes, so `score_change` keeps saying how the
+        // latest change went after unchanged rescores.
+        plan.previous_scores.push(match p {
+            None => None,
+            Some(p) if is_change => Some(p.score),
+            Some(p) => p.previous_score,
+        });
+        plan.writes
+            .push(match (is_change, same_content, history_due) {
+                (true, _, _) | (false, false, true) => Write::Fresh,
+                (false, false, false) => Write::Restate,
+                (false, true, true) => Write::Carry,
+                (false, true, false) => Write::Touch,
+            });
+    }
+    plan
+}
+
 /// Writes one batch of scores in one transaction. Each breakdown is stored once: in the history
 /// row `health_current.history_at` names, or, when it changed since without a change of score or
 /// tier, in `health_current.signals` (history rows follow score and tier changes plus one a day,
-/// not every new number in an explanation).
-/// - a changed score or tier, or a changed breakdown once the last history row is a day old: a
-///   history row with the new breakdown and the current row upserted, in one `UNNEST` statement;
-/// - a changed breakdown under the same score and tier: the current row restated, no history row;
-/// - nothing changed: only `computed_at` moves, or, when the last history row is a day old, the
-///   current breakdown is copied into a new history row inside the database (not resent);
-/// - feed rows for score or tier changes are appended in the same transaction.
+/// not every new number in an explanation). See [`Write`] for what each account gets; feed rows
+/// for score or tier changes are appended in the same transaction.
 async fn write_batch(
     conn: &mut AsyncPgConnection,
     scores: &[Score],
@@ -439,198 +513,326 @@ async fn write_batch(
         .load(conn)
         .await?;
         let prev: HashMap<i64, Previous> = prev.into_iter().map(|p| (p.account_id, p)).collect();
+        let plan = plan_batch(scores, &digests, &prev, now);
+        let of = |kind: Write| -> Vec<usize> {
+            (0..scores.len()).filter(|&i| plan.writes[i] == kind).collect()
+        };
+        let (fresh, restate, carry, touch) = (
+            of(Write::Fresh),
+            of(Write::Restate),
+            of(Write::Carry),
+            of(Write::Touch),
+        );
+        let rows = BatchRows {
+            scores,
+            texts: &texts,
+            digests: &digests,
+            previous_scores: &plan.previous_scores,
+        };
 
-        // New history row / restated current row / daily copy / computed_at only.
-        let mut fresh: Vec<usize> = Vec::new();
-        let mut restate: Vec<usize> = Vec::new();
-        let mut carry: Vec<i64> = Vec::new();
-        let mut touch: Vec<i64> = Vec::new();
-        let mut changed: Vec<usize> = Vec::new();
-        let mut previous_scores: Vec<Option<f64>> = Vec::with_capacity(scores.len());
-        for (i, s) in scores.iter().enumerate() {
-            let p = prev.get(&s.account_id);
-            let is_change = match p {
-                None => true,
-                Some(p) => (p.score - s.score).abs() > 1e-9 || p.tier != s.tier.as_str(),
-            };
-            let same_content = !is_change
-                && p.is_some_and(|p| {
-                    p.history_at.is_some()
-                        && p.signals_digest == Some(digests[i])
-                        && p.stale == s.stale
-                        && p.model_version == s.model_version
-                });
-            let history_due = p.and_then(|p| p.history_at).is_none_or(|t| now - t >= Duration::hours(24));
-            if is_change {
-                changed.push(i);
-            }
-            // previous_score moves only when the score changes, so `score_change` keeps saying
-            // how the latest change went after unchanged rescores.
-            previous_scores.push(match p {
-                None => None,
-                Some(p) if is_change => Some(p.score),
-                Some(p) => p.previous_score,
-            });
-            if is_change || (!same_content && history_due) {
-                fresh.push(i);
-            } else if !same_content {
-                restate.push(i);
-            } else if history_due {
-                carry.push(s.account_id);
-            } else {
-                touch.push(s.account_id);
-            }
-        }
-
-        if !touch.is_empty() {
-            diesel::sql_query(
-                "UPDATE health_current SET computed_at = $1 WHERE account_id = ANY($2) AND computed_at <= $1",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&touch)
-            .execute(conn)
-            .await?;
-        }
-        if !carry.is_empty() {
-            // The day's history row for an unchanged score: the current breakdown (restated in the
-            // current row, or that of the last history row) copied to now.
-            diesel::sql_query(
-                "WITH copied AS (
-                    INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                    SELECT h.account_id, $1, h.score, h.tier, h.stale, h.model_version, h.signals
-                    FROM current_health_scores h
-                    WHERE h.account_id = ANY($2) AND h.computed_at <= $1 AND h.signals IS NOT NULL
-                    ON CONFLICT (account_id, computed_at) DO UPDATE SET
-                       score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
-                       model_version = EXCLUDED.model_version, signals = EXCLUDED.signals
-                    RETURNING account_id)
-                 UPDATE health_current h SET computed_at = $1, history_at = $1, signals = NULL
-                 FROM copied c WHERE h.account_id = c.account_id",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&carry)
-            .execute(conn)
-            .await?;
-        }
-        if !restate.is_empty() {
-            // Same score and tier, new numbers in the breakdown: the current row holds it until the
-            // next history row takes it over.
-            let r_ids: Vec<i64> = restate.iter().map(|&i| ids[i]).collect();
-            let r_stale: Vec<bool> = restate.iter().map(|&i| scores[i].stale).collect();
-            let r_version: Vec<i32> = restate.iter().map(|&i| scores[i].model_version).collect();
-            let r_signals: Vec<&str> = restate.iter().map(|&i| texts[i].as_str()).collect();
-            let r_digest: Vec<i64> = restate.iter().map(|&i| digests[i]).collect();
-            diesel::sql_query(
-                "UPDATE health_current h SET computed_at = $1, stale = x.stale, model_version = x.model_version,
-                        signals = x.signals::json, signals_digest = x.digest
-                 FROM unnest($2::bigint[], $3::bool[], $4::int[], $5::text[], $6::bigint[])
-                      AS x(account_id, stale, model_version, signals, digest)
-                 WHERE h.account_id = x.account_id AND h.computed_at <= $1",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&r_ids)
-            .bind::<Array<Bool>, _>(&r_stale)
-            .bind::<Array<Integer>, _>(&r_version)
-            .bind::<Array<Text>, _>(&r_signals)
-            .bind::<Array<BigInt>, _>(&r_digest)
-            .execute(conn)
-            .await?;
-        }
-        if !fresh.is_empty() {
-            let f_ids: Vec<i64> = fresh.iter().map(|&i| ids[i]).collect();
-            let f_score: Vec<f64> = fresh.iter().map(|&i| scores[i].score).collect();
-            let f_tier: Vec<&str> = fresh.iter().map(|&i| scores[i].tier.as_str()).collect();
-            let f_stale: Vec<bool> = fresh.iter().map(|&i| scores[i].stale).collect();
-            let f_version: Vec<i32> = fresh.iter().map(|&i| scores[i].model_version).collect();
-            let f_signals: Vec<&str> = fresh.iter().map(|&i| texts[i].as_str()).collect();
-            let f_digest: Vec<i64> = fresh.iter().map(|&i| digests[i]).collect();
-            let f_prev: Vec<Option<f64>> = fresh.iter().map(|&i| previous_scores[i]).collect();
-            let f_change: Vec<f64> = fresh
-                .iter()
-                .map(|&i| previous_scores[i].map_or(0.0, |ps| ((scores[i].score - ps) * 10.0).round() / 10.0))
-                .collect();
-            diesel::sql_query(
-                "WITH x AS (
-                    SELECT * FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[],
-                                         $8::bigint[], $9::float8[], $10::float8[])
-                         AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
-                    -- Only accounts that still exist (no foreign key checks each row; see migration 000060).
-                    WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)),
-                 history AS (
-                    INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
-                    SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::json FROM x
-                    ON CONFLICT (account_id, computed_at) DO UPDATE SET
-                       score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
-                       model_version = EXCLUDED.model_version, signals = EXCLUDED.signals)
-                 INSERT INTO health_current
-                    (account_id, computed_at, score, tier, stale, model_version, history_at, signals, signals_digest,
-                     previous_score, score_change)
-                 SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, $1, NULL, x.digest,
-                        x.previous_score, x.score_change
-                 FROM x
-                 ON CONFLICT (account_id) DO UPDATE SET
-                    computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
-                    stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, history_at = EXCLUDED.history_at,
-                    signals = NULL, signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
-                    score_change = EXCLUDED.score_change
-                 WHERE health_current.computed_at <= EXCLUDED.computed_at",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&f_ids)
-            .bind::<Array<Double>, _>(&f_score)
-            .bind::<Array<Text>, _>(&f_tier)
-            .bind::<Array<Bool>, _>(&f_stale)
-            .bind::<Array<Integer>, _>(&f_version)
-            .bind::<Array<Text>, _>(&f_signals)
-            .bind::<Array<BigInt>, _>(&f_digest)
-            .bind::<Array<Nullable<Double>>, _>(&f_prev)
-            .bind::<Array<Double>, _>(&f_change)
-            .execute(conn)
-            .await?;
-        }
-
-        let mut feed_ids = Vec::new();
-        if !changed.is_empty() {
-            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-                .bind::<BigInt, _>(FEED_LOCK)
-                .execute(conn)
-                .await?;
-            let c_ids: Vec<i64> = changed.iter().map(|&i| ids[i]).collect();
-            let c_prev: Vec<Option<f64>> = changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.score)).collect();
-            let c_score: Vec<f64> = changed.iter().map(|&i| scores[i].score).collect();
-            let c_prev_tier: Vec<Option<&str>> =
-                changed.iter().map(|&i| prev.get(&ids[i]).map(|p| p.tier.as_str())).collect();
-            let c_tier: Vec<&str> = changed.iter().map(|&i| scores[i].tier.as_str()).collect();
-            #[derive(QueryableByName)]
-            struct Id {
-                #[diesel(sql_type = BigInt)]
-                id: i64,
-            }
-            let rows: Vec<Id> = diesel::sql_query(
-                // No drivers: readers derive them from the history row written above at the same
-                // moment (migration 000060), so the breakdown is not stored a second time.
-                "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, changed_at)
-                 SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, $1
-                 FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[])
-                      WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, n)
-                 ORDER BY x.n
-                 RETURNING id",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Array<BigInt>, _>(&c_ids)
-            .bind::<Array<Nullable<Double>>, _>(&c_prev)
-            .bind::<Array<Double>, _>(&c_score)
-            .bind::<Array<Nullable<Text>>, _>(&c_prev_tier)
-            .bind::<Array<Text>, _>(&c_tier)
-            .load(conn)
-            .await?;
-            feed_ids = rows.into_iter().map(|r| r.id).collect();
-        }
+        touch_current(conn, now, &touch.iter().map(|&i| ids[i]).collect::<Vec<_>>()).await?;
+        carry_history(conn, now, &carry.iter().map(|&i| ids[i]).collect::<Vec<_>>()).await?;
+        restate_current(conn, now, &rows, &restate).await?;
+        write_fresh(conn, now, &rows, &fresh).await?;
+        let feed_ids = append_feed(conn, now, scores, &prev, &plan.changed).await?;
         Ok(Written {
-            changed: changed.iter().map(|&i| ids[i]).collect(),
+            changed: plan.changed.iter().map(|&i| ids[i]).collect(),
             feed_ids,
             history_rows: fresh.len() + carry.len(),
         })
     })
     .await
+}
+
+/// A batch's scores with what [`write_batch`] derived for them, indexed alike.
+struct BatchRows<'a> {
+    scores: &'a [Score],
+    texts: &'a [String],
+    digests: &'a [i64],
+    previous_scores: &'a [Option<f64>],
+}
+
+/// [`Write::Touch`]: only `computed_at` moves.
+async fn touch_current(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    ids: &[i64],
+) -> Result<(), ScoringError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "UPDATE health_current SET computed_at = $1 WHERE account_id = ANY($2) AND computed_at <= $1",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`Write::Carry`]: the current breakdown (restated in the current row, or that of the last
+/// history row) copied into the day's history row, which the current row then names.
+async fn carry_history(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    ids: &[i64],
+) -> Result<(), ScoringError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query(
+        "WITH copied AS (
+            INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+            SELECT h.account_id, $1, h.score, h.tier, h.stale, h.model_version, h.signals
+            FROM current_health_scores h
+            WHERE h.account_id = ANY($2) AND h.computed_at <= $1 AND h.signals IS NOT NULL
+            ON CONFLICT (account_id, computed_at) DO UPDATE SET
+               score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+               model_version = EXCLUDED.model_version, signals = EXCLUDED.signals
+            RETURNING account_id)
+         UPDATE health_current h SET computed_at = $1, history_at = $1, signals = NULL
+         FROM copied c WHERE h.account_id = c.account_id",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`Write::Restate`]: the current row takes the new breakdown; no history row.
+async fn restate_current(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    rows: &BatchRows<'_>,
+    which: &[usize],
+) -> Result<(), ScoringError> {
+    if which.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = which.iter().map(|&i| rows.scores[i].account_id).collect();
+    let stale: Vec<bool> = which.iter().map(|&i| rows.scores[i].stale).collect();
+    let version: Vec<i32> = which
+        .iter()
+        .map(|&i| rows.scores[i].model_version)
+        .collect();
+    let signals: Vec<&str> = which.iter().map(|&i| rows.texts[i].as_str()).collect();
+    let digest: Vec<i64> = which.iter().map(|&i| rows.digests[i]).collect();
+    diesel::sql_query(
+        "UPDATE health_current h SET computed_at = $1, stale = x.stale, model_version = x.model_version,
+                signals = x.signals::json, signals_digest = x.digest
+         FROM unnest($2::bigint[], $3::bool[], $4::int[], $5::text[], $6::bigint[])
+              AS x(account_id, stale, model_version, signals, digest)
+         WHERE h.account_id = x.account_id AND h.computed_at <= $1",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Bool>, _>(&stale)
+    .bind::<Array<Integer>, _>(&version)
+    .bind::<Array<Text>, _>(&signals)
+    .bind::<Array<BigInt>, _>(&digest)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`Write::Fresh`]: the history row with the new breakdown and the current row naming it, in one
+/// statement.
+async fn write_fresh(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    rows: &BatchRows<'_>,
+    which: &[usize],
+) -> Result<(), ScoringError> {
+    if which.is_empty() {
+        return Ok(());
+    }
+    let scores = rows.scores;
+    let ids: Vec<i64> = which.iter().map(|&i| scores[i].account_id).collect();
+    let score: Vec<f64> = which.iter().map(|&i| scores[i].score).collect();
+    let tier: Vec<&str> = which.iter().map(|&i| scores[i].tier.as_str()).collect();
+    let stale: Vec<bool> = which.iter().map(|&i| scores[i].stale).collect();
+    let version: Vec<i32> = which.iter().map(|&i| scores[i].model_version).collect();
+    let signals: Vec<&str> = which.iter().map(|&i| rows.texts[i].as_str()).collect();
+    let digest: Vec<i64> = which.iter().map(|&i| rows.digests[i]).collect();
+    let previous: Vec<Option<f64>> = which.iter().map(|&i| rows.previous_scores[i]).collect();
+    let change: Vec<f64> = which
+        .iter()
+        .map(|&i| {
+            rows.previous_scores[i].map_or(0.0, |ps| ((scores[i].score - ps) * 10.0).round() / 10.0)
+        })
+        .collect();
+    diesel::sql_query(
+        "WITH x AS (
+            SELECT * FROM unnest($2::bigint[], $3::float8[], $4::text[], $5::bool[], $6::int[], $7::text[],
+                                 $8::bigint[], $9::float8[], $10::float8[])
+                 AS x(account_id, score, tier, stale, model_version, signals, digest, previous_score, score_change)
+            -- Only accounts that still exist (no foreign key checks each row; see migration 000060).
+            WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = x.account_id)),
+         history AS (
+            INSERT INTO health_scores (account_id, computed_at, score, tier, stale, model_version, signals)
+            SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, x.signals::json FROM x
+            ON CONFLICT (account_id, computed_at) DO UPDATE SET
+               score = EXCLUDED.score, tier = EXCLUDED.tier, stale = EXCLUDED.stale,
+               model_version = EXCLUDED.model_version, signals = EXCLUDED.signals)
+         INSERT INTO health_current
+            (account_id, computed_at, score, tier, stale, model_version, history_at, signals, signals_digest,
+             previous_score, score_change)
+         SELECT x.account_id, $1, x.score, x.tier, x.stale, x.model_version, $1, NULL, x.digest,
+                x.previous_score, x.score_change
+         FROM x
+         ON CONFLICT (account_id) DO UPDATE SET
+            computed_at = EXCLUDED.computed_at, score = EXCLUDED.score, tier = EXCLUDED.tier,
+            stale = EXCLUDED.stale, model_version = EXCLUDED.model_version, history_at = EXCLUDED.history_at,
+            signals = NULL, signals_digest = EXCLUDED.signals_digest, previous_score = EXCLUDED.previous_score,
+            score_change = EXCLUDED.score_change
+         WHERE health_current.computed_at <= EXCLUDED.computed_at",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Double>, _>(&score)
+    .bind::<Array<Text>, _>(&tier)
+    .bind::<Array<Bool>, _>(&stale)
+    .bind::<Array<Integer>, _>(&version)
+    .bind::<Array<Text>, _>(&signals)
+    .bind::<Array<BigInt>, _>(&digest)
+    .bind::<Array<Nullable<Double>>, _>(&previous)
+    .bind::<Array<Double>, _>(&change)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Feed rows for the `changed` scores, in batch order, under [`FEED_LOCK`]. No drivers: readers
+/// derive them from the history row written at the same moment (migration 000060), so the
+/// breakdown is not stored a second time. Returns the new ids.
+async fn append_feed(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    scores: &[Score],
+    prev: &HashMap<i64, Previous>,
+    changed: &[usize],
+) -> Result<Vec<i64>, ScoringError> {
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+        .bind::<BigInt, _>(FEED_LOCK)
+        .execute(conn)
+        .await?;
+    let before = |i: usize| prev.get(&scores[i].account_id);
+    let ids: Vec<i64> = changed.iter().map(|&i| scores[i].account_id).collect();
+    let prev_score: Vec<Option<f64>> = changed
+        .iter()
+        .map(|&i| before(i).map(|p| p.score))
+        .collect();
+    let score: Vec<f64> = changed.iter().map(|&i| scores[i].score).collect();
+    let prev_tier: Vec<Option<&str>> = changed
+        .iter()
+        .map(|&i| before(i).map(|p| p.tier.as_str()))
+        .collect();
+    let tier: Vec<&str> = changed.iter().map(|&i| scores[i].tier.as_str()).collect();
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let rows: Vec<Id> = diesel::sql_query(
+        "INSERT INTO score_changes (account_id, previous_score, score, previous_tier, tier, changed_at)
+         SELECT x.account_id, x.previous_score, x.score, x.previous_tier, x.tier, $1
+         FROM unnest($2::bigint[], $3::float8[], $4::float8[], $5::text[], $6::text[])
+              WITH ORDINALITY AS x(account_id, previous_score, score, previous_tier, tier, n)
+         ORDER BY x.n
+         RETURNING id",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Nullable<Double>>, _>(&prev_score)
+    .bind::<Array<Double>, _>(&score)
+    .bind::<Array<Nullable<Text>>, _>(&prev_tier)
+    .bind::<Array<Text>, _>(&tier)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoring::engine::Tier;
+
+    fn score(account_id: i64, score: f64) -> Score {
+        Score {
+            account_id,
+            score,
+            tier: Tier::Healthy,
+            stale: false,
+            model_version: 1,
+            signals: Vec::new(),
+        }
+    }
+
+    fn previous(account_id: i64, score: f64, digest: i64, history_at: DateTime<Utc>) -> Previous {
+        Previous {
+            account_id,
+            score,
+            tier: "healthy".into(),
+            stale: false,
+            model_version: 1,
+            previous_score: Some(70.0),
+            signals_digest: Some(digest),
+            history_at: Some(history_at),
+        }
+    }
+
+    #[test]
+    fn each_account_gets_the_least_write_that_keeps_history_true() {
+        let now = Utc::now();
+        let hour_ago = now - Duration::hours(1);
+        let day_ago = now - Duration::hours(25);
+        let scores = [
+            score(1, 80.0), // first score
+            score(2, 75.0), // score changed
+            score(3, 80.0), // same score, new breakdown
+            score(4, 80.0), // same score, new breakdown, history a day old
+            score(5, 80.0), // nothing changed
+            score(6, 80.0), // nothing changed, history a day old
+        ];
+        let digests = [7, 7, 8, 8, 7, 7];
+        let prev: HashMap<i64, Previous> = [
+            previous(2, 80.0, 7, hour_ago),
+            previous(3, 80.0, 7, hour_ago),
+            previous(4, 80.0, 7, day_ago),
+            previous(5, 80.0, 7, hour_ago),
+            previous(6, 80.0, 7, day_ago),
+        ]
+        .into_iter()
+        .map(|p| (p.account_id, p))
+        .collect();
+        let plan = plan_batch(&scores, &digests, &prev, now);
+        assert_eq!(
+            plan.writes,
+            [
+                Write::Fresh,
+                Write::Fresh,
+                Write::Restate,
+                Write::Fresh,
+                Write::Touch,
+                Write::Carry
+            ]
+        );
+        assert_eq!(plan.changed, [0, 1]);
+        assert_eq!(
+            plan.previous_scores,
+            [
+                None,
+                Some(80.0),
+                Some(70.0),
+                Some(70.0),
+                Some(70.0),
+                Some(70.0)
+            ]
+        );
+    }
 }
