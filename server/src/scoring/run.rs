@@ -400,15 +400,14 @@ struct Previous {
     history_at: Option<DateTime<Utc>>,
 }
 
-/// FNV-1a: a stable 64-bit digest of the serialized signals (a collision only means one write is
-/// skipped until the next real change; the score and tier are compared separately).
+/// FNV-1a: a digest of the serialized signals that is stable across builds and Rust versions (it
+/// is stored); a collision only means one write is skipped until the next real change (the score
+/// and tier are compared separately).
 fn digest(text: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h as i64
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(text.as_bytes());
+    h.finish() as i64
 }
 
 /// What becomes of one account's score in [`write_batch`].
@@ -784,6 +783,12 @@ mod tests {
             signals_digest: Some(digest),
             history_at: Some(history_at),
         }
+    }
+
+    #[test]
+    fn digests_are_fnv1a_as_stored_by_earlier_versions() {
+        assert_eq!(digest(""), 0xcbf2_9ce4_8422_2325_u64 as i64);
+        assert_eq!(digest("a"), 0xaf63_dc4c_8601_ec8c_u64 as i64);
     }
 
     #[test]
