@@ -5,9 +5,8 @@
 //!
 //! Every rescore writes one breakdown per changed account, often 100,000 at once, so the stored form
 //! holds only what cannot be derived: `key`, `value`, `score`, `weight`, `contribution`, `impact`,
-//! `explanation`, and `missing` / `stale` when true. The label and the data kind follow from the key
-//! ([`label_for`], [`source_for`]) and are filled in on read. The columns are `json` (validated text),
-//! not `jsonb`: the write path never pays for building a binary tree it does not query, and SQL that
+//! `explanation`, and `missing` / `stale` when true. The label follows from the key ([`label_for`])
+//! and is filled in on read. The columns are `json` (validated text), not `jsonb`: the write path never pays for building a binary tree it does not query, and SQL that
 //! looks inside (alert evaluation) uses the `json_*` functions. Rows written before this form carry
 //! the extra keys; readers ignore them.
 
@@ -76,19 +75,6 @@ pub fn label_for(key: &str) -> String {
     key.into()
 }
 
-/// The data kind behind an entry (`usage|support|billing`, `model` for a cap), from its key.
-pub fn source_for(key: &str) -> &'static str {
-    if let Some(k) = SignalKey::parse(key) {
-        return k.source().as_str();
-    }
-    if key.starts_with(OVERRIDE_PREFIX) {
-        return "model";
-    }
-    key.strip_prefix(FRESHNESS_PREFIX)
-        .and_then(kind_of)
-        .map_or("", SourceKind::as_str)
-}
-
 fn kind_of(s: &str) -> Option<SourceKind> {
     SourceKind::ALL.into_iter().find(|k| k.as_str() == s)
 }
@@ -97,7 +83,7 @@ fn kind_of(s: &str) -> Option<SourceKind> {
 mod tests {
     use super::*;
 
-    fn entry(key: &str, label: &str, source: &str) -> SignalScore {
+    fn entry(key: &str, label: &str) -> SignalScore {
         SignalScore {
             key: key.into(),
             label: label.into(),
@@ -109,14 +95,12 @@ mod tests {
             explanation: "No login in 21 days".into(),
             missing: false,
             stale: false,
-            source: source.into(),
-            configured_weight: 22.0,
         }
     }
 
     #[test]
     fn stores_only_what_cannot_be_derived() {
-        let s = entry("login_recency", "Login recency", "usage");
+        let s = entry("login_recency", "Login recency");
         let json: serde_json::Value = serde_json::from_str(&encode([&s])).unwrap();
         assert_eq!(
             json,
@@ -132,16 +116,12 @@ mod tests {
     }
 
     #[test]
-    fn labels_and_sources_follow_from_keys() {
+    fn labels_follow_from_keys() {
         for k in SignalKey::ALL {
             assert_eq!(label_for(k.as_str()), k.label());
-            assert_eq!(source_for(k.as_str()), k.source().as_str());
         }
         assert_eq!(label_for("override:cancelling"), "Score cap");
-        assert_eq!(source_for("override:cancelling"), "model");
         assert_eq!(label_for("freshness:usage"), "Usage data freshness");
-        assert_eq!(source_for("freshness:billing"), "billing");
         assert_eq!(label_for("something_new"), "something_new");
-        assert_eq!(source_for("something_new"), "");
     }
 }

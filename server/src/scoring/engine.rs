@@ -84,12 +84,6 @@ pub struct SignalScore {
     pub missing: bool,
     #[serde(default)]
     pub stale: bool,
-    /// `usage|support|billing` for signals, `model` for caps.
-    #[serde(default)]
-    pub source: String,
-    /// The weight the model configures, before sharing out missing signals' weight.
-    #[serde(default)]
-    pub configured_weight: f64,
 }
 
 /// A computed score.
@@ -299,8 +293,6 @@ pub fn score_account(
                     explanation: e.explanation,
                     missing: false,
                     stale: false,
-                    source: key.source().as_str().into(),
-                    configured_weight: configured,
                 });
             }
             None => out.push(SignalScore {
@@ -314,8 +306,6 @@ pub fn score_account(
                 explanation: missing_text(key).into(),
                 missing: true,
                 stale: false,
-                source: key.source().as_str().into(),
-                configured_weight: configured,
             }),
         }
     }
@@ -346,8 +336,6 @@ pub fn score_account(
                 explanation: format!("{cause}: score capped at {}", o.cap),
                 missing: false,
                 stale: false,
-                source: "model".into(),
-                configured_weight: 0.0,
             });
         }
     }
@@ -375,8 +363,6 @@ pub fn score_account(
             explanation: stale_text(s),
             missing: false,
             stale: true,
-            source: s.kind.as_str().into(),
-            configured_weight: 0.0,
         });
     }
     let score = round_score(score);
