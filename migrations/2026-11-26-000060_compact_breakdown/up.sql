@@ -6,6 +6,7 @@
 ALTER TABLE health_current ALTER COLUMN signals TYPE json USING signals::json;
 ALTER TABLE health_scores ALTER COLUMN signals TYPE json USING signals::json;
 ALTER TABLE score_changes ALTER COLUMN drivers TYPE json USING drivers::json;
+-- Changing a column's type resets its compression method: set lz4 again (as in 000050).
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_settings

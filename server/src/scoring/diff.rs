@@ -14,6 +14,7 @@ use diesel::sql_types::{BigInt, Double, Integer, Json, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 
+use super::breakdown;
 use super::engine::score_account;
 use super::model;
 use super::run::run_context;
@@ -92,7 +93,7 @@ fn short_name(key: &str, label: &str) -> String {
     if let Some(k) = SignalKey::parse(key) {
         return k.short().into();
     }
-    if key.starts_with("override:") {
+    if key.starts_with(breakdown::OVERRIDE_PREFIX) {
         return "cap".into();
     }
     label.to_lowercase()
@@ -198,7 +199,7 @@ pub async fn health_change(
 
     let mut keys: Vec<String> = Vec::new();
     for s in sig_from.iter().chain(sig_to.iter()) {
-        if !s.key.starts_with("freshness:") && !keys.contains(&s.key) {
+        if !s.key.starts_with(breakdown::FRESHNESS_PREFIX) && !keys.contains(&s.key) {
             keys.push(s.key.clone());
         }
     }

@@ -28,8 +28,9 @@
 //! | `missing` | present and `true` only when there is no data of this kind for the account; weight 0, left out of the score |
 //! | `stale` | present and `true` only on `freshness:<kind>` entries ("Usage data is 3 days old"); their impact is 0 |
 //!
-//! The read API adds `label` ("Login recency"), derived from `key` ([`breakdown::label_for`]); rows written by earlier versions also carry `label`, `source` and
-//! `configured_weight`, which readers ignore. A feed row (`score_changes`) has the drivers of the
+//! The read API adds `label` ("Login recency"), derived from `key` ([`breakdown::label_for`]);
+//! rows written by earlier versions also carry `label`, `source` and `configured_weight`, which
+//! readers ignore. A feed row (`score_changes`) has the drivers of the
 //! history row written with it (same account, same moment): readers derive them with the SQL function
 //! `healthd_breakdown_drivers`; feed rows from earlier versions stored them in `drivers`.
 //!
