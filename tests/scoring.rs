@@ -1060,12 +1060,24 @@ async fn current_scores_never_outlive_their_accounts() {
         |id: i64| format!("SELECT COUNT(*) AS n FROM health_current WHERE account_id = {id}");
     assert_eq!(count(pool, &in_current(gone)).await, 1);
 
-    // Deleted while (or after) a rescore wrote its score: health_current has no foreign key, so the
-    // next full rescore removes the row, and a rescore of the id writes nothing for it.
+    // Deleting the account deletes its current score (a trigger: health_current has no foreign key);
+    // a rescore of the id writes nothing for it, and a full rescore sweeps what a rescore running
+    // during the delete may have left.
     let mut conn = pool.get().await.unwrap();
     exec(
         &mut conn,
         &format!("DELETE FROM accounts WHERE id = {gone}"),
+    )
+    .await;
+    assert_eq!(count(pool, &in_current(gone)).await, 0, "deleted with it");
+    // What a rescore writing during the delete could leave: a row for an id no account has.
+    let stray = gone + 1_000_000;
+    exec(
+        &mut conn,
+        &format!(
+            "INSERT INTO health_current (account_id, computed_at, score, tier, model_version) \
+             VALUES ({stray}, now(), 50, 'at_risk', 1)"
+        ),
     )
     .await;
     drop(conn);
@@ -1080,6 +1092,7 @@ async fn current_scores_never_outlive_their_accounts() {
         .await
         .unwrap();
     assert_eq!(count(pool, &in_current(gone)).await, 0);
+    assert_eq!(count(pool, &in_current(stray)).await, 0, "swept");
     assert_eq!(count(pool, &in_current(kept)).await, 1);
 }
 

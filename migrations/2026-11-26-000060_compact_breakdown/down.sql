@@ -35,6 +35,8 @@ BEGIN
     RETURN NULL;
 END $$;
 DROP FUNCTION healthd_breakdown_drivers(json);
+DROP TRIGGER accounts_deleted ON accounts;
+DROP FUNCTION healthd_accounts_deleted();
 DELETE FROM health_current hc WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = hc.account_id);
 ALTER TABLE health_current ADD CONSTRAINT health_current_account_id_fkey
     FOREIGN KEY (account_id) REFERENCES accounts (id) ON DELETE CASCADE;

@@ -19,11 +19,20 @@ END
 $$;
 
 -- The foreign key to accounts cost a row-level check per inserted current score (about 0.65 s per
--- 100,000 first scores, a third of the write). The rescore writes only accounts that exist when it
--- writes (it joins accounts), an identity merge that deletes an account deletes its current score in
--- the same transaction, and every full rescore removes current scores left by an account deleted
--- while it ran. health_scores and score_changes never had the key (history outlives accounts).
+-- 100,000 first scores, a third of the write). Instead: the rescore writes only accounts that exist
+-- when it writes, deleting accounts deletes their current scores (one statement-level trigger, in
+-- the deleting transaction, whoever deletes), and every full rescore removes current scores left by
+-- an account deleted while it ran. health_scores and score_changes never had the key (history
+-- outlives accounts).
 ALTER TABLE health_current DROP CONSTRAINT IF EXISTS health_current_account_id_fkey;
+CREATE FUNCTION healthd_accounts_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM health_current h USING gone g WHERE h.account_id = g.id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER accounts_deleted AFTER DELETE ON accounts
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION healthd_accounts_deleted();
 
 -- A score change's drivers are the entries of the history row written with it (same account, same
 -- moment) that cost points, so new feed rows leave `drivers` NULL and readers derive them from that

@@ -296,11 +296,6 @@ pub async fn remap(
                 .load(conn)
                 .await?;
                 if !left.is_empty() {
-                    // health_current has no foreign key (see migration 000060): its row goes here.
-                    diesel::sql_query("DELETE FROM health_current WHERE account_id = $1")
-                        .bind::<BigInt, _>(old)
-                        .execute(conn)
-                        .await?;
                     diesel::sql_query("DELETE FROM accounts WHERE id = $1")
                         .bind::<BigInt, _>(old)
                         .execute(conn)
