@@ -115,12 +115,6 @@ struct Range {
     hi: i64,
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
 /// Generates the data set, then times a full rescore and the bare aggregate pass.
 pub async fn run_scoring_bench(
     pool: &DbPool,
@@ -134,27 +128,28 @@ pub async fn run_scoring_bench(
     let generate_secs = t0.elapsed().as_secs_f64();
 
     let mut conn = pool.get().await?;
-    let count = |sql: &'static str| {
-        diesel::sql_query(sql)
-            .bind::<BigInt, _>(lo)
-            .bind::<BigInt, _>(hi)
-    };
-    let usage_rows: Count =
-        count("SELECT COUNT(*) AS n FROM usage_daily WHERE account_id BETWEEN $1 AND $2")
-            .get_result(&mut conn)
-            .await?;
-    let usage_events: Count =
-        count("SELECT COALESCE(SUM(events), 0)::bigint AS n FROM usage_daily WHERE account_id BETWEEN $1 AND $2")
-            .get_result(&mut conn)
-            .await?;
-    let tickets: Count =
-        count("SELECT COUNT(*) AS n FROM support_tickets WHERE account_id BETWEEN $1 AND $2")
-            .get_result(&mut conn)
-            .await?;
-    let invoices: Count =
-        count("SELECT COUNT(*) AS n FROM invoices WHERE account_id BETWEEN $1 AND $2")
-            .get_result(&mut conn)
-            .await?;
+    #[derive(QueryableByName)]
+    struct Sizes {
+        #[diesel(sql_type = BigInt)]
+        usage_rows: i64,
+        #[diesel(sql_type = BigInt)]
+        usage_events: i64,
+        #[diesel(sql_type = BigInt)]
+        tickets: i64,
+        #[diesel(sql_type = BigInt)]
+        invoices: i64,
+    }
+    let sizes: Sizes = diesel::sql_query(
+        "SELECT u.rows AS usage_rows, u.events AS usage_events,
+                (SELECT COUNT(*) FROM support_tickets WHERE account_id BETWEEN $1 AND $2) AS tickets,
+                (SELECT COUNT(*) FROM invoices WHERE account_id BETWEEN $1 AND $2) AS invoices
+         FROM (SELECT COUNT(*) AS rows, COALESCE(SUM(events), 0)::bigint AS events
+               FROM usage_daily WHERE account_id BETWEEN $1 AND $2) u",
+    )
+    .bind::<BigInt, _>(lo)
+    .bind::<BigInt, _>(hi)
+    .get_result(&mut conn)
+    .await?;
 
     // Reference passes first, so every timing sees a warm cache the same way.
     let minimal_pass_secs = minimal_pass(&mut conn, now).await?;
@@ -175,10 +170,10 @@ pub async fn run_scoring_bench(
 
     Ok(ScoringBenchReport {
         accounts,
-        usage_rows: usage_rows.n,
-        usage_events: usage_events.n,
-        tickets: tickets.n,
-        invoices: invoices.n,
+        usage_rows: sizes.usage_rows,
+        usage_events: sizes.usage_events,
+        tickets: sizes.tickets,
+        invoices: sizes.invoices,
         generate_secs,
         rescore_secs,
         rescore_again_secs,
@@ -202,7 +197,7 @@ async fn minimal_pass(
     now: DateTime<Utc>,
 ) -> Result<f64, anyhow::Error> {
     let t = Instant::now();
-    let _: Count = diesel::sql_query(
+    diesel::sql_query(
         "SELECT ((SELECT COUNT(*) FROM (SELECT account_id, COUNT(*), SUM(events), MAX(day), COUNT(DISTINCT user_id)
                                           FROM usage_daily WHERE day <= ($1::timestamptz AT TIME ZONE 'UTC')::date
                                           GROUP BY account_id) u)
@@ -214,7 +209,7 @@ async fn minimal_pass(
                + (SELECT COUNT(*) FROM accounts))::bigint AS n",
     )
     .bind::<Timestamptz, _>(now)
-    .get_result(conn)
+    .execute(conn)
     .await?;
     Ok(t.elapsed().as_secs_f64())
 }
