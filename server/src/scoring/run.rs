@@ -551,6 +551,28 @@ struct BatchRows<'a> {
     previous_scores: &'a [Option<f64>],
 }
 
+/// The columns every write of a breakdown binds, for the scores at `which`.
+struct BreakdownColumns<'a> {
+    ids: Vec<i64>,
+    stale: Vec<bool>,
+    version: Vec<i32>,
+    signals: Vec<&'a str>,
+    digest: Vec<i64>,
+}
+
+impl<'a> BatchRows<'a> {
+    fn breakdown_columns(&self, which: &[usize]) -> BreakdownColumns<'a> {
+        let (scores, texts) = (self.scores, self.texts);
+        BreakdownColumns {
+            ids: which.iter().map(|&i| scores[i].account_id).collect(),
+            stale: which.iter().map(|&i| scores[i].stale).collect(),
+            version: which.iter().map(|&i| scores[i].model_version).collect(),
+            signals: which.iter().map(|&i| texts[i].as_str()).collect(),
+            digest: which.iter().map(|&i| self.digests[i]).collect(),
+        }
+    }
+}
+
 /// [`Write::Touch`]: only `computed_at` moves.
 async fn touch_current(
     conn: &mut AsyncPgConnection,
@@ -610,14 +632,7 @@ async fn restate_current(
     if which.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = which.iter().map(|&i| rows.scores[i].account_id).collect();
-    let stale: Vec<bool> = which.iter().map(|&i| rows.scores[i].stale).collect();
-    let version: Vec<i32> = which
-        .iter()
-        .map(|&i| rows.scores[i].model_version)
-        .collect();
-    let signals: Vec<&str> = which.iter().map(|&i| rows.texts[i].as_str()).collect();
-    let digest: Vec<i64> = which.iter().map(|&i| rows.digests[i]).collect();
+    let c = rows.breakdown_columns(which);
     diesel::sql_query(
         "UPDATE health_current h SET computed_at = $1, stale = x.stale, model_version = x.model_version,
                 signals = x.signals::json, signals_digest = x.digest
@@ -626,11 +641,11 @@ async fn restate_current(
          WHERE h.account_id = x.account_id AND h.computed_at <= $1",
     )
     .bind::<Timestamptz, _>(now)
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<Bool>, _>(&stale)
-    .bind::<Array<Integer>, _>(&version)
-    .bind::<Array<Text>, _>(&signals)
-    .bind::<Array<BigInt>, _>(&digest)
+    .bind::<Array<BigInt>, _>(&c.ids)
+    .bind::<Array<Bool>, _>(&c.stale)
+    .bind::<Array<Integer>, _>(&c.version)
+    .bind::<Array<Text>, _>(&c.signals)
+    .bind::<Array<BigInt>, _>(&c.digest)
     .execute(conn)
     .await?;
     Ok(())
@@ -648,13 +663,9 @@ async fn write_fresh(
         return Ok(());
     }
     let scores = rows.scores;
-    let ids: Vec<i64> = which.iter().map(|&i| scores[i].account_id).collect();
+    let c = rows.breakdown_columns(which);
     let score: Vec<f64> = which.iter().map(|&i| scores[i].score).collect();
     let tier: Vec<&str> = which.iter().map(|&i| scores[i].tier.as_str()).collect();
-    let stale: Vec<bool> = which.iter().map(|&i| scores[i].stale).collect();
-    let version: Vec<i32> = which.iter().map(|&i| scores[i].model_version).collect();
-    let signals: Vec<&str> = which.iter().map(|&i| rows.texts[i].as_str()).collect();
-    let digest: Vec<i64> = which.iter().map(|&i| rows.digests[i]).collect();
     let previous: Vec<Option<f64>> = which.iter().map(|&i| rows.previous_scores[i]).collect();
     let change: Vec<f64> = which
         .iter()
@@ -689,13 +700,13 @@ async fn write_fresh(
          WHERE health_current.computed_at <= EXCLUDED.computed_at",
     )
     .bind::<Timestamptz, _>(now)
-    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&c.ids)
     .bind::<Array<Double>, _>(&score)
     .bind::<Array<Text>, _>(&tier)
-    .bind::<Array<Bool>, _>(&stale)
-    .bind::<Array<Integer>, _>(&version)
-    .bind::<Array<Text>, _>(&signals)
-    .bind::<Array<BigInt>, _>(&digest)
+    .bind::<Array<Bool>, _>(&c.stale)
+    .bind::<Array<Integer>, _>(&c.version)
+    .bind::<Array<Text>, _>(&c.signals)
+    .bind::<Array<BigInt>, _>(&c.digest)
     .bind::<Array<Nullable<Double>>, _>(&previous)
     .bind::<Array<Double>, _>(&change)
     .execute(conn)
