@@ -53,6 +53,7 @@
 
 pub mod abi;
 mod connector;
+pub mod limits;
 pub mod records;
 pub mod settings;
 pub mod testing;

@@ -91,7 +91,7 @@ async fn demo_with(config: Config, db: &Database) -> anyhow::Result<()> {
                 anyhow::bail!("the demo backfill failed");
             }
         }
-        Err(RuntimeError::AlreadyRunning(_)) => {
+        Err(RuntimeError::AlreadyRunning(_) | RuntimeError::StillRunning { .. }) => {
             println!(
                 "another healthd process is already syncing `{DEMO_CONNECTOR}`; not waiting for it"
             );

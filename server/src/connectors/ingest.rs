@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, NaiveDate, Utc};
 use diesel::sql_types::{Array, BigInt, Bool, Date, Int4, Int8, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use healthd_plugin_api::{Batch, Record, RecordKind, Rejection};
+use healthd_plugin_api::{limits, Batch, Record, RecordKind, Rejection};
 
 use super::identities;
 use crate::plugins::BatchSink;
@@ -36,17 +36,36 @@ use crate::plugins::BatchSink;
 pub const MAX_STORED_REJECTIONS: i64 = 10_000;
 
 /// Why a batch could not be written. The run stops there; nothing of the batch is saved.
+/// The `Display` text is what viewers of the run read: it never carries database text.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
-    #[error("saving a batch failed: {0}")]
-    Database(String),
+    #[error(
+        "saving a batch failed: the database refused it (reference {reference}; the server log has the detail)"
+    )]
+    Database { reference: String },
     #[error("the run is no longer active (it timed out, was cancelled or was marked failed)")]
     RunNotActive,
 }
 
+/// Logs `detail` (database text, not for viewers) under a new short reference id and returns
+/// the id, for a message viewers may read.
+pub fn log_with_reference(context: &str, detail: &dyn std::fmt::Display) -> String {
+    let reference = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    tracing::error!(reference = %reference, error = %detail, "{context}");
+    reference
+}
+
+impl IngestError {
+    fn database(detail: &dyn std::fmt::Display) -> Self {
+        IngestError::Database {
+            reference: log_with_reference("saving a connector batch failed", detail),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for IngestError {
     fn from(e: diesel::result::Error) -> Self {
-        IngestError::Database(e.to_string())
+        IngestError::database(&e)
     }
 }
 
@@ -181,7 +200,22 @@ fn has_nul(values: &[Option<&str>]) -> bool {
     values.iter().flatten().any(|v| v.contains('\0'))
 }
 
+/// A value quoted in a message, cut to a readable length (an over-long value is the problem
+/// being reported, it must not make the report itself huge).
+fn shown(v: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 64;
+    if v.len() <= MAX && !v.contains('\0') {
+        return v.into();
+    }
+    let mut end = MAX.min(v.len());
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", v[..end].replace('\0', "\\0")).into()
+}
+
 fn rejection(what: &str, key: &str, problem: impl std::fmt::Display) -> Rejection {
+    let key = shown(key);
     let reason = if key.trim().is_empty() {
         format!("{what}: {problem}")
     } else {
@@ -277,7 +311,7 @@ fn check(record: &Record) -> Option<Rejection> {
             if t.ticket_id.trim().is_empty() {
                 Some("missing ticket id".into())
             } else if let Some(c) = t.csat.filter(|c| !(1..=5).contains(c)) {
-                let what = format!("ticket `{}`", t.ticket_id);
+                let what = format!("ticket `{}`", shown(&t.ticket_id));
                 return Some(rejection(
                     &what,
                     key,
@@ -298,11 +332,14 @@ fn check(record: &Record) -> Option<Rejection> {
             } else {
                 let c = invoice_currency(i.currency.as_deref());
                 if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-                    let what = format!("invoice `{}`", i.invoice_id);
+                    let what = format!("invoice `{}`", shown(&i.invoice_id));
                     return Some(rejection(
                         &what,
                         key,
-                        format!("currency must be a 3-letter code such as USD, got `{c}`"),
+                        format!(
+                            "currency must be a 3-letter code such as USD, got `{}`",
+                            shown(&c)
+                        ),
                     ));
                 }
                 None
@@ -310,6 +347,10 @@ fn check(record: &Record) -> Option<Rejection> {
         }
         Record::Churn(_) => None,
     };
+    let problem = problem.or_else(|| {
+        let v = limits::violations(record);
+        (!v.is_empty()).then(|| v.join("; "))
+    });
     problem.map(|p| rejection(what, key, p))
 }
 
@@ -608,8 +649,8 @@ async fn resolve_keys(
     if !todo_keys.is_empty() {
         let found = identities::resolve(conn, source, &todo_keys, &todo_domains).await?;
         if found.len() < todo_keys.len() {
-            return Err(IngestError::Database(
-                "could not map every account key to an account".into(),
+            return Err(IngestError::database(
+                &"could not map every account key to an account",
             ));
         }
         map.extend(found);
@@ -853,6 +894,23 @@ async fn write_rows(
     Ok(())
 }
 
+/// Bytes of a stored rejection reason and file name (a plugin's text is cut, never refused).
+const MAX_REASON_BYTES: usize = 2048;
+const MAX_FILE_BYTES: usize = 1024;
+
+/// `v` without NUL characters, cut to `max` bytes (at a character boundary, marked `...`).
+fn stored_text(v: &str, max: usize) -> String {
+    let v = v.replace('\0', "");
+    if v.len() <= max {
+        return v;
+    }
+    let mut end = max - 3;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &v[..end])
+}
+
 async fn store_rejections(
     conn: &mut AsyncPgConnection,
     run_id: i64,
@@ -870,10 +928,13 @@ async fn store_rejections(
         .iter()
         .map(|r| r.line.map(|l| l.min(i64::MAX as u64) as i64))
         .collect();
-    let reasons: Vec<String> = slice.iter().map(|r| r.reason.replace('\0', "")).collect();
+    let reasons: Vec<String> = slice
+        .iter()
+        .map(|r| stored_text(&r.reason, MAX_REASON_BYTES))
+        .collect();
     let files: Vec<Option<String>> = files
         .into_iter()
-        .map(|f| f.map(|f| f.replace('\0', "")))
+        .map(|f| f.map(|f| stored_text(f, MAX_FILE_BYTES)))
         .collect();
     diesel::sql_query(
         "INSERT INTO connector_run_rejections (run_id, seq, file, line, reason) \

@@ -40,6 +40,16 @@ pub enum RuntimeError {
     UnknownPlugin { plugin: String, installed: String },
     #[error("connector `{0}` is already running")]
     AlreadyRunning(String),
+    #[error(
+        "connector `{name}` is already running (run {run_id}, last heartbeat {heartbeat_secs} s ago; \
+         if its process stopped, the run is recovered once its heartbeat is {recover_after_secs} s old)"
+    )]
+    StillRunning {
+        name: String,
+        run_id: i64,
+        heartbeat_secs: u64,
+        recover_after_secs: u64,
+    },
     #[error("no account with key `{0}`")]
     UnknownAccount(String),
     #[error("no identity `{external_key}` from source `{source_name}`")]

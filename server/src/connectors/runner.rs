@@ -15,7 +15,7 @@ use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
 
-use super::ingest::{sink_pair, BatchWriter, WriteTotals};
+use super::ingest::{log_with_reference, sink_pair, BatchWriter, WriteTotals};
 use super::instances::{self, ConnectorInstance, RejectionRow};
 use super::progress::{self, Progress};
 use super::schedule::{retry_delay, Schedule};
@@ -100,6 +100,8 @@ pub struct RunSummary {
     pub duration: Duration,
     /// Accounts the run wrote data for.
     pub accounts_touched: usize,
+    /// Runs of dead processes recovered before this run started (one line each).
+    pub recovered: Vec<String>,
 }
 
 impl RunSummary {
@@ -110,7 +112,8 @@ impl RunSummary {
 
     /// A few lines for a terminal.
     pub fn render(&self) -> String {
-        let mut out = format!(
+        let mut out: String = self.recovered.iter().map(|r| format!("{r}\n")).collect();
+        out += &format!(
             "sync `{}` (run {}) {} in {:.1} s: {} records ingested ({}/s), {} rejected",
             self.connector,
             self.run_id,
@@ -203,7 +206,37 @@ impl ConnectorRuntime {
     }
 
     /// Starts a run of `name` now, unless one is running. Returns the instance and the run id.
+    /// Runs whose process died are recovered first (as the scheduler does), so a crashed run
+    /// never blocks its instance.
     pub async fn start_run(
+        &self,
+        name: &str,
+        trigger: RunTrigger,
+    ) -> Result<(ConnectorInstance, i64), RuntimeError> {
+        self.start_run_recovering(name, trigger)
+            .await
+            .map(|(i, id, _)| (i, id))
+    }
+
+    /// [`Self::start_run`], also returning what it recovered (one line per dead run).
+    pub async fn start_run_recovering(
+        &self,
+        name: &str,
+        trigger: RunTrigger,
+    ) -> Result<(ConnectorInstance, i64, Vec<String>), RuntimeError> {
+        let recovered = super::scheduler::recover_stale_runs_described(
+            &self.pool,
+            &super::scheduler::SchedulerOptions::default(),
+        )
+        .await?;
+        match self.insert_run_for(name, trigger).await {
+            Ok((i, id)) => Ok((i, id, recovered)),
+            Err(RuntimeError::AlreadyRunning(_)) => Err(running_detail(&self.pool, name).await),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn insert_run_for(
         &self,
         name: &str,
         trigger: RunTrigger,
@@ -236,8 +269,10 @@ impl ConnectorRuntime {
         trigger: RunTrigger,
         progress: Progress,
     ) -> Result<RunSummary, RuntimeError> {
-        let (instance, run_id) = self.start_run(name, trigger).await?;
-        Ok(self.execute_run(instance, run_id, progress).await)
+        let (instance, run_id, recovered) = self.start_run_recovering(name, trigger).await?;
+        let mut summary = self.execute_run(instance, run_id, progress).await;
+        summary.recovered = recovered;
+        Ok(summary)
     }
 
     /// Executes a run whose row exists (status running) and records its outcome. Never fails:
@@ -314,6 +349,7 @@ impl ConnectorRuntime {
             error,
             duration: started.elapsed(),
             accounts_touched: totals.accounts.len(),
+            recovered: Vec::new(),
         };
         let status = if summary.succeeded {
             "succeeded"
@@ -382,13 +418,25 @@ impl ConnectorRuntime {
         };
         let mut conn = AsyncPgConnection::establish(&self.database_url)
             .await
-            .map_err(|e| (empty(), format!("cannot connect to the database: {e}")))?;
+            .map_err(|e| {
+                let r = log_with_reference("a connector run cannot connect to the database", &e);
+                (
+                    empty(),
+                    format!("cannot connect to the database (reference {r}; the server log has the detail)"),
+                )
+            })?;
         diesel::sql_query("SELECT pg_advisory_lock($1, ($2 % 2147483647)::int)")
             .bind::<diesel::sql_types::Integer, _>(RUN_LOCK_CLASS)
             .bind::<BigInt, _>(run_id)
             .execute(&mut conn)
             .await
-            .map_err(|e| (empty(), format!("cannot lock the run: {e}")))?;
+            .map_err(|e| {
+                let r = log_with_reference("a connector run cannot take its liveness lock", &e);
+                (
+                    empty(),
+                    format!("cannot lock the run (reference {r}; the server log has the detail)"),
+                )
+            })?;
 
         let done = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat_loop(
@@ -470,6 +518,43 @@ impl ConnectorRuntime {
             None => Ok(totals),
             Some(e) => Err((totals, e)),
         }
+    }
+}
+
+/// The "already running" error for `name`, with what is known of its running run.
+async fn running_detail(pool: &DbPool, name: &str) -> RuntimeError {
+    #[derive(diesel::QueryableByName)]
+    struct Running {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        age: f64,
+    }
+    let plain = || RuntimeError::AlreadyRunning(name.to_string());
+    let Ok(mut conn) = pool.get().await else {
+        return plain();
+    };
+    let running: Option<Running> = diesel::sql_query(
+        "SELECT r.id, extract(epoch FROM now() - r.heartbeat_at)::float8 AS age \
+         FROM connector_runs r JOIN connectors c ON c.id = r.connector_id \
+         WHERE c.name = $1 AND r.status = 'running'",
+    )
+    .bind::<Text, _>(name)
+    .get_result(&mut conn)
+    .await
+    .optional()
+    .ok()
+    .flatten();
+    match running {
+        Some(r) => RuntimeError::StillRunning {
+            name: name.to_string(),
+            run_id: r.id,
+            heartbeat_secs: r.age.max(0.0) as u64,
+            recover_after_secs: super::scheduler::SchedulerOptions::default()
+                .lock_check_after
+                .as_secs(),
+        },
+        None => plain(),
     }
 }
 

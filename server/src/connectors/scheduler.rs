@@ -173,6 +173,45 @@ pub async fn recover_stale_runs(
     Ok(recovered)
 }
 
+/// [`recover_stale_runs`], describing each recovered run in one line for a terminal.
+pub async fn recover_stale_runs_described(
+    pool: &DbPool,
+    options: &SchedulerOptions,
+) -> Result<Vec<String>, RuntimeError> {
+    #[derive(diesel::QueryableByName)]
+    struct Recovered {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = Text)]
+        name: String,
+        #[diesel(sql_type = Timestamptz)]
+        heartbeat_at: chrono::DateTime<Utc>,
+    }
+    let ids = recover_stale_runs(pool, options).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = pool.get().await?;
+    let rows: Vec<Recovered> = diesel::sql_query(
+        "SELECT r.id, c.name, r.heartbeat_at FROM connector_runs r \
+         JOIN connectors c ON c.id = r.connector_id WHERE r.id = ANY($1) ORDER BY r.id",
+    )
+    .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
+    .load(&mut conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            format!(
+                "recovered run {} of `{}`: its process stopped (last heartbeat {}); marked failed, the next run resumes from its last saved batch",
+                r.id,
+                r.name,
+                r.heartbeat_at.format("%Y-%m-%d %H:%M:%S UTC")
+            )
+        })
+        .collect())
+}
+
 /// The scheduler loop of one process: recovers dead runs, claims due instances and executes
 /// them (at most `max_concurrent` at once) until `runtime.shutdown` is cancelled; then waits for
 /// the runs in progress, which are told to stop.
