@@ -26,8 +26,15 @@
 //! ## Errors
 //! A bad row (missing required value, unparsable time or number, unknown status, csat outside
 //! 1-5) is rejected with the file name, its line number (the header is line 1) and the reason;
-//! the rest of the file is ingested. A file missing a required column is rejected as a whole
-//! (one rejection, line 1). At most [`MAX_REJECTIONS_PER_FILE`] rows per file are listed; a final
+//! the rest of the file is ingested. Values over the limits of `healthd_plugin_api::limits`
+//! reject their row the same way. A file missing a required column, or whose header names a
+//! column twice, is rejected as a whole (one rejection, line 1).
+//!
+//! Line breaks inside a quoted value are kept only in the free-text columns `name` and
+//! `subject` (and in columns the connector does not read), up to `MAX_TEXT_BYTES`. A quoted
+//! value that runs past the end of its line anywhere else (or past that bound) is an
+//! unterminated quote: the row is rejected at the line where the quote opened and reading
+//! resumes at the next line, so the rows after it still ingest. At most [`MAX_REJECTIONS_PER_FILE`] rows per file are listed; a final
 //! rejection counts the rest.
 //!
 //! ## Cursor
@@ -42,8 +49,8 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use healthd_plugin_api::{
-    export_connector, Account, Churn, Connector, ConnectorError, Invoice, LogLevel, Manifest,
-    Money, Record, RecordKind, Subscription, SyncContext, Ticket, UsageEvent,
+    export_connector, limits, Account, Churn, Connector, ConnectorError, Invoice, LogLevel,
+    Manifest, Money, Record, RecordKind, Subscription, SyncContext, Ticket, UsageEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -304,7 +311,18 @@ impl FileRun<'_, '_> {
             .byte_headers()
             .map_err(|e| ConnectorError::failed(format!("cannot read {name}: {e}")))?
             .clone();
-        let columns = Columns::new(&headers);
+        let columns = match Columns::new(&headers) {
+            Ok(c) => c,
+            Err(twice) => {
+                ctx.reject(
+                    Some(&name),
+                    Some(1),
+                    format!("file skipped: the header names column `{twice}` more than once"),
+                );
+                cursor.done.insert(name, done);
+                return ctx.emit(Vec::new(), Some(to_json(cursor)));
+            }
+        };
         let missing: Vec<&str> = kind
             .required()
             .iter()
@@ -356,6 +374,25 @@ impl FileRun<'_, '_> {
                 break;
             }
             let line = row.position().map_or(0, |p| p.line());
+            if let Some(reason) = runaway_quote(&columns, &row, reader.position().line() - line) {
+                // Reject the row at the line the quote opened and read on from the next line.
+                let start = row.position().cloned().unwrap_or_else(csv::Position::new);
+                let next = next_line_start(path, start.byte())
+                    .map_err(|e| ConnectorError::failed(format!("cannot read {name}: {e}")))?;
+                let mut pos = csv::Position::new();
+                pos.set_byte(next)
+                    .set_line(line + 1)
+                    .set_record(start.record() + 1);
+                reader
+                    .seek(pos)
+                    .map_err(|e| ConnectorError::failed(format!("cannot read {name}: {e}")))?;
+                rejected += 1;
+                if rejected <= MAX_REJECTIONS_PER_FILE {
+                    ctx.reject(Some(&name), Some(line), reason);
+                }
+                rows_in_batch += 1;
+                continue;
+            }
             match parse_row(kind, &columns, &row) {
                 Ok(Some(record)) => records.push(record),
                 Ok(None) => {} // a blank line
@@ -400,6 +437,44 @@ impl FileRun<'_, '_> {
     }
 }
 
+/// Why a record that spans `lines` lines is an unterminated quote rather than a quoted value
+/// holding line breaks: the break is in a column that cannot hold one, or the value is longer
+/// than any free text may be.
+fn runaway_quote(columns: &Columns, row: &csv::ByteRecord, lines: u64) -> Option<String> {
+    if lines <= 1 {
+        return None;
+    }
+    row.iter().enumerate().find_map(|(i, v)| {
+        if !v.contains(&b'\n') && !v.contains(&b'\r') {
+            return None;
+        }
+        let why = if !columns.may_span_lines(i) {
+            format!("{} cannot hold a line break", columns.name_of(i))
+        } else if v.len() > limits::MAX_TEXT_BYTES {
+            format!(
+                "the value would be longer than {} bytes",
+                limits::MAX_TEXT_BYTES
+            )
+        } else {
+            return None;
+        };
+        Some(format!(
+            "unterminated quote: the quoted value in {} starting on this line runs past the end of the line ({why}); reading resumes at the next line",
+            columns.name_of(i)
+        ))
+    })
+}
+
+/// The byte offset of the line after the one starting at `byte` (the file's end if none).
+fn next_line_start(path: &Path, byte: u64) -> std::io::Result<u64> {
+    use std::io::{BufRead, Seek, SeekFrom};
+    let mut f = BufReader::new(File::open(path)?);
+    f.seek(SeekFrom::Start(byte))?;
+    let mut skipped = Vec::new();
+    let n = f.read_until(b'\n', &mut skipped)?;
+    Ok(byte + n as u64)
+}
+
 fn to_json(cursor: &CursorState) -> String {
     serde_json::to_string(cursor).expect("cursor serializes")
 }
@@ -437,15 +512,79 @@ fn sha256_file(path: &Path) -> Result<String, ConnectorError> {
 /// Header name (trimmed, lower-case) -> column index.
 struct Columns(HashMap<String, usize>);
 
+/// Columns whose values may hold a line break (free text). In any other column a quoted value
+/// that runs past the end of its line is an unterminated quote.
+const MULTI_LINE_COLUMNS: [&str; 2] = ["name", "subject"];
+
+/// Every column the connector reads, in any kind of file.
+const READ_COLUMNS: [&str; 30] = [
+    "account_key",
+    "name",
+    "domain",
+    "owner_email",
+    "plan",
+    "seats",
+    "mrr",
+    "renewal_date",
+    "subscription_id",
+    "status",
+    "current_period_end",
+    "cancel_at_period_end",
+    "invoice_id",
+    "amount",
+    "currency",
+    "due_date",
+    "paid_at",
+    "ticket_id",
+    "subject",
+    "priority",
+    "opened_at",
+    "closed_at",
+    "csat",
+    "user_id",
+    "event",
+    "feature",
+    "occurred_at",
+    "count",
+    "event_id",
+    "churned_at",
+];
+
 impl Columns {
-    fn new(headers: &csv::ByteRecord) -> Self {
+    /// The header's columns, or the name of a column it names twice (which one would win is
+    /// a guess, so the file is refused).
+    fn new(headers: &csv::ByteRecord) -> Result<Self, String> {
         let mut map = HashMap::new();
         for (i, h) in headers.iter().enumerate() {
             let h = String::from_utf8_lossy(h);
             let h = h.trim_start_matches('\u{feff}').trim().to_ascii_lowercase();
-            map.entry(h).or_insert(i);
+            if h.is_empty() {
+                continue;
+            }
+            if map.insert(h.clone(), i).is_some() {
+                return Err(h);
+            }
         }
-        Columns(map)
+        Ok(Columns(map))
+    }
+
+    /// Whether the value in column `index` may span lines: free-text columns, and columns this
+    /// connector does not read (it never interprets them).
+    fn may_span_lines(&self, index: usize) -> bool {
+        match self.0.iter().find(|(_, i)| **i == index) {
+            Some((name, _)) if READ_COLUMNS.contains(&name.as_str()) => {
+                MULTI_LINE_COLUMNS.contains(&name.as_str())
+            }
+            _ => true,
+        }
+    }
+
+    /// The name of column `index` as the header gives it.
+    fn name_of(&self, index: usize) -> String {
+        self.0.iter().find(|(_, i)| **i == index).map_or_else(
+            || format!("column {}", index + 1),
+            |(n, _)| format!("`{n}`"),
+        )
     }
 
     fn has(&self, name: &str) -> bool {
@@ -665,6 +804,9 @@ fn parse_row(
         }
     };
     if r.errors.is_empty() {
+        r.errors = limits::violations(&out);
+    }
+    if r.errors.is_empty() {
         Ok(Some(out))
     } else {
         Err(r.errors.join("; "))
@@ -698,7 +840,7 @@ mod tests {
              2026-11-23T10:00:00Z,acme,login,x\n\
              not-a-time,acme,login,x\n\
              2026-11-23T11:00:00Z,,page_view,x\n\
-             \"2026-11-23T12:00:00Z\",acme,\"multi\nline\",x\n\
+             \"2026-11-23T12:00:00Z\",acme,multi,\"two\nlines\"\n\
              2026-11-23T13:00:00+01:00,acme,report,x\n",
         );
         write(
@@ -750,7 +892,7 @@ mod tests {
         let Record::UsageEvent(multi) = host.records()[2] else {
             panic!()
         };
-        assert_eq!(multi.event, "multi\nline");
+        assert_eq!(multi.event, "multi");
         let Record::UsageEvent(last) = host.records()[3] else {
             panic!()
         };
@@ -786,12 +928,14 @@ mod tests {
     fn a_killed_run_resumes_mid_file_without_duplicates() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        let mut content = String::from("account_key,event,occurred_at,user_id\n");
+        let mut content = String::from("account_key,event,occurred_at,user_id,note\n");
         for i in 0..25 {
             if i == 7 {
-                content.push_str("a,login,bad,u\n");
+                content.push_str("a,login,bad,u,x\n");
             } else {
-                content.push_str(&format!("a,\"log\nin\",2026-11-23T10:{i:02}:00Z,u{i}\n"));
+                content.push_str(&format!(
+                    "a,login,2026-11-23T10:{i:02}:00Z,u{i},\"two\nlines\"\n"
+                ));
             }
         }
         write(d, "usage_events.csv", &content);
@@ -811,6 +955,104 @@ mod tests {
         assert_eq!(
             resumed.rejections().len(),
             full.rejections().len() - full.batches[0].rejections.len()
+        );
+    }
+
+    fn rejected(host: &MemoryHost) -> Vec<(String, Option<u64>, String)> {
+        host.rejections()
+            .iter()
+            .map(|r| (r.file.clone().unwrap_or_default(), r.line, r.reason.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unterminated_quote_is_reported_at_its_line_and_reading_resumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut content =
+            String::from("account_key,user_id,event,feature,occurred_at,count,event_id\n");
+        content.push_str("acct-01,u1,\"login,,2026-11-20T10:00:00Z,1,oq-b1\n");
+        for i in 0..5 {
+            content.push_str(&format!(
+                "acct-01,u1,login,,2026-11-20T1{i}:00:00Z,1,ok-{i}\n"
+            ));
+        }
+        write(d, "usage_events.csv", &content);
+        // A ticket subject may hold line breaks, up to the free-text limit.
+        let long = "x".repeat(limits::MAX_TEXT_BYTES);
+        write(
+            d,
+            "tickets.csv",
+            &format!(
+                "account_key,ticket_id,subject,status,opened_at\n\
+                 a,t1,\"two\nlines\",open,2026-11-01\n\
+                 a,t2,\"{long},open,2026-11-01\n\
+                 a,t3,fine,open,2026-11-01\n"
+            ),
+        );
+        for batch_size in [2, 5000] {
+            let host = run(d, None, batch_size);
+            let ids: Vec<String> = host
+                .records()
+                .iter()
+                .map(|r| match r {
+                    Record::UsageEvent(e) => e.event_id.clone().unwrap(),
+                    Record::Ticket(t) => t.ticket_id.clone(),
+                    _ => panic!(),
+                })
+                .collect();
+            assert_eq!(ids, ["t1", "t3", "ok-0", "ok-1", "ok-2", "ok-3", "ok-4"]);
+            assert_eq!(
+                rejected(&host),
+                [
+                    ("tickets.csv".to_string(), Some(4), format!("unterminated quote: the quoted value in `subject` starting on this line runs past the end of the line (the value would be longer than {} bytes); reading resumes at the next line", limits::MAX_TEXT_BYTES)),
+                    ("usage_events.csv".to_string(), Some(2), "unterminated quote: the quoted value in `event` starting on this line runs past the end of the line (`event` cannot hold a line break); reading resumes at the next line".to_string()),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_naming_a_column_twice_rejects_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        write(d, "accounts.csv", "account_key,name,Account_Key\na,A,b\n");
+        let host = run(d, None, 5000);
+        assert!(host.records().is_empty());
+        assert_eq!(
+            rejected(&host),
+            [(
+                "accounts.csv".to_string(),
+                Some(1),
+                "file skipped: the header names column `account_key` more than once".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn values_over_the_limits_reject_their_row_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        write(
+            d,
+            "usage_events.csv",
+            &format!(
+                "account_key,event,occurred_at,event_id\n\
+                 a,{},2026-11-20,e1\n\
+                 a,login,0001-01-01,e2\n\
+                 a,login,2026-11-20,e3\n",
+                "e".repeat(600)
+            ),
+        );
+        let host = run(d, None, 5000);
+        assert_eq!(host.records().len(), 2);
+        assert_eq!(
+            rejected(&host),
+            [(
+                "usage_events.csv".to_string(),
+                Some(2),
+                "`event` is 600 bytes long; at most 512 are allowed".to_string()
+            )]
         );
     }
 
