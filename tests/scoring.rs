@@ -840,6 +840,29 @@ async fn calibration_finds_the_signals_that_drive_churn() {
         report.auc_equal
     );
     assert!(report.auc_proposed > 0.7);
+    // Known weights beat equal ones; the verdict and interval say how sure that is.
+    assert!(
+        report.auc_proposed_interval.0 <= report.auc_proposed
+            && report.auc_proposed <= report.auc_proposed_interval.1,
+        "{report:#?}"
+    );
+    assert!(report.verdict.starts_with("better than the active model: "));
+    let text = healthd::scoring::report::calibration_text(&report);
+    assert!(text.contains("0.5 is chance"), "{text}");
+    assert!(text.contains(" pts"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "healthd model preview {}",
+            report.proposed_version
+        )),
+        "{text}"
+    );
+    for zero in &report.zero_weight_signals {
+        assert!(text.contains(zero.as_str()), "{text}");
+    }
+    if !report.zero_weight_signals.is_empty() {
+        assert!(text.contains("never appear as drivers"), "{text}");
+    }
     assert_eq!(report.train_size + report.test_size, 600);
     assert!(report.test_churned > 0 && report.train_churned > 0);
     let stored = model::get_model(pool, Some(report.proposed_version))
@@ -1213,5 +1236,136 @@ async fn a_new_breakdown_under_the_same_score_is_current_without_a_history_row()
         )
         .await,
         2
+    );
+}
+
+/// `healthd` with the test database and nothing else from the environment.
+fn healthd_cli(db: &TestDb) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_healthd"));
+    cmd.env_remove("HEALTHD_CONFIG")
+        .env_remove("HEALTHD_DATABASE_URL")
+        .env("DATABASE_URL", db.url())
+        .env("HEALTHD_LOG", "warn");
+    cmd
+}
+
+fn run_ok(mut cmd: std::process::Command, args: &[&str]) -> String {
+    let out = cmd.args(args).output().expect("run healthd");
+    assert!(
+        out.status.success(),
+        "healthd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_preview_lists_the_accounts_a_candidate_demotes_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let now = t0();
+    let f = fixture(pool, now).await;
+    rescore_at(pool, RescoreScope::All, now).await.unwrap();
+    let before = current(pool, f.declining).await;
+    let history = count(pool, "SELECT count(*) AS n FROM health_scores").await;
+
+    // Nearly all weight on the usage trend: the declining account must fall.
+    let mut cfg = ModelConfig::default();
+    for w in cfg.weights.values_mut() {
+        *w = 1.0;
+    }
+    cfg.weights.insert("usage_trend".into(), 94.0);
+    let candidate = model::create_version(
+        pool,
+        NewModel {
+            name: "trend only".into(),
+            segment: None,
+            priority: 0,
+            config: cfg,
+            notes: None,
+            created_by: Some("test".into()),
+            activate: false,
+        },
+    )
+    .await
+    .unwrap();
+
+    let p = healthd::scoring::preview::preview(pool, candidate.version, now)
+        .await
+        .unwrap();
+    assert_eq!(p.accounts_scored, 8);
+    assert!(!p.candidate_active);
+    let declining = p
+        .movers
+        .iter()
+        .find(|m| m.key == "declining")
+        .unwrap_or_else(|| panic!("declining is a mover: {p:#?}"));
+    assert!(
+        (declining.before_score - before.score).abs() < 0.05,
+        "{p:#?}"
+    );
+    assert!(
+        declining.after_score < declining.before_score - 10.0,
+        "{p:#?}"
+    );
+    assert_ne!(declining.after_tier, declining.before_tier, "{p:#?}");
+    assert!(p.accounts_changed_tier >= 1);
+    assert!(
+        declining.after_drivers[0].to_lowercase().contains("usage"),
+        "{:?}",
+        declining.after_drivers
+    );
+    assert!(p.backtest.is_none(), "no churn outcomes in this store");
+    // Nothing written: same current score, same history, still inactive.
+    assert_eq!(current(pool, f.declining).await.score, before.score);
+    assert_eq!(
+        count(pool, "SELECT count(*) AS n FROM health_scores").await,
+        history
+    );
+    assert!(
+        !model::get_model(pool, Some(candidate.version))
+            .await
+            .unwrap()
+            .unwrap()
+            .active
+    );
+
+    // The same through the command line, then activation with and without a rescore.
+    let v = candidate.version.to_string();
+    let text = run_ok(healthd_cli(&db), &["model", "preview", &v]);
+    assert!(text.contains("would change tier"), "{text}");
+    assert!(text.contains("declining (declining)"), "{text}");
+    assert!(
+        text.contains(&format!("healthd model activate {v} --rescore")),
+        "{text}"
+    );
+    let list = run_ok(healthd_cli(&db), &["model", "list"]);
+    assert!(list.contains(&format!("v{v:<4} inactive")), "{list}");
+    let shown = run_ok(healthd_cli(&db), &["model", "show", &v]);
+    assert!(
+        shown.contains("usage_trend") && shown.contains("pts"),
+        "{shown}"
+    );
+    let activated = run_ok(healthd_cli(&db), &["model", "activate", &v]);
+    assert!(
+        activated.contains("takes effect at the next rescore"),
+        "{activated}"
+    );
+    assert_eq!(current(pool, f.declining).await.score, before.score);
+    let rescored = run_ok(healthd_cli(&db), &["model", "activate", &v, "--rescore"]);
+    assert!(rescored.contains("rescored 8 accounts"), "{rescored}");
+    assert_eq!(
+        current(pool, f.declining).await.model_version,
+        candidate.version
+    );
+    let missing = healthd_cli(&db)
+        .args(["model", "show", "999"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("999 does not exist"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
     );
 }

@@ -72,10 +72,33 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         lookback_days: i64,
     },
+    /// Scoring model versions: list, show, preview before switching, activate.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Benchmarks (not part of the test suite; small runs of each are).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Every version, newest first.
+    List,
+    /// One version's weights (points of 100), tiers and notes.
+    Show { version: i32 },
+    /// Scores every account with this version without writing anything: tier changes, biggest
+    /// movers with their drivers, and its AUC on past churn.
+    Preview { version: i32 },
+    /// Makes this version active. It takes effect at the next rescore, or now with `--rescore`.
+    Activate {
+        version: i32,
+        /// Rescore every account now.
+        #[arg(long)]
+        rescore: bool,
     },
 }
 
@@ -271,11 +294,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             with_app(config, |state| async move {
                 let report =
                     crate::scoring::calibration::calibrate(&state.pool, lookback_days).await?;
-                print_calibration(&report);
+                print!("{}", crate::scoring::report::calibration_text(&report));
                 Ok(())
             })
             .await
         }
+        Command::Model { command } => with_app(config, |state| run_model(state, command)).await,
         Command::Bench { command } => run_bench(config, command).await,
     }
 }
@@ -296,45 +320,42 @@ where
     result
 }
 
-fn print_calibration(report: &crate::scoring::calibration::CalibrationReport) {
-    println!(
-        "calibration against churn, signals as of {} days before each outcome",
-        report.lookback_days
-    );
-    println!(
-        "sample: {} churned, {} retained accounts; train {} ({} churned), held-out {} ({} churned)",
-        report.churned_accounts,
-        report.retained_accounts,
-        report.train_size,
-        report.train_churned,
-        report.test_size,
-        report.test_churned
-    );
-    println!(
-        "{:<24} {:>12} {:>10} {:>10} {:>9}",
-        "signal", "coefficient", "proposed", "active", "coverage"
-    );
-    for s in &report.signals {
-        println!(
-            "{:<24} {:>12.4} {:>10.3} {:>10.3} {:>8.0}%",
-            s.key,
-            s.coefficient,
-            s.proposed_weight,
-            s.active_weight,
-            s.coverage * 100.0
-        );
+async fn run_model(state: AppState, command: ModelCommand) -> anyhow::Result<()> {
+    use crate::scoring::{model, preview, report};
+    match command {
+        ModelCommand::List => {
+            for m in model::list_models(&state.pool).await? {
+                println!("{}", report::model_line(&m));
+            }
+        }
+        ModelCommand::Show { version } => {
+            let m = model::get_model(&state.pool, Some(version))
+                .await?
+                .ok_or(crate::scoring::ScoringError::ModelNotFound(version))?;
+            print!("{}", report::model_text(&m));
+        }
+        ModelCommand::Preview { version } => {
+            let p = preview::preview(&state.pool, version, chrono::Utc::now()).await?;
+            print!("{}", report::preview_text(&p));
+        }
+        ModelCommand::Activate { version, rescore } => {
+            let m = model::activate(&state.pool, version).await?;
+            println!("model version {} ({}) is now active", m.version, m.name);
+            if rescore {
+                let s = crate::scoring::recompute_now(&state.pool).await?;
+                println!(
+                    "rescored {} accounts ({} changed) with it",
+                    s.accounts_scored,
+                    s.changed_account_ids.len()
+                );
+            } else {
+                println!(
+                    "it takes effect at the next rescore (the daily job, a connector run or `healthd score`); add --rescore to rescore now"
+                );
+            }
+        }
     }
-    println!(
-        "held-out AUC: proposed {:.3}, active model v{} {:.3}, equal weights {:.3}",
-        report.auc_proposed, report.active_version, report.auc_active, report.auc_equal
-    );
-    if !report.notes.is_empty() {
-        println!("{}", report.notes);
-    }
-    println!(
-        "stored as inactive model version {}; activate it with the activateScoringModel mutation",
-        report.proposed_version
-    );
+    Ok(())
 }
 
 async fn run_bench(config: Config, command: BenchCommand) -> anyhow::Result<()> {

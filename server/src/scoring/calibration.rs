@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Duration, Utc};
 use diesel::sql_types::{BigInt, Timestamptz};
 use diesel::QueryableByName;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use linfa::traits::Fit;
 use linfa::Dataset;
 use linfa_logistic::LogisticRegression;
@@ -28,7 +28,7 @@ use ndarray::{Array1, Array2};
 use super::engine::{evaluate_signals, score_account};
 use super::inputs::{self, BATCH_SIZE};
 use super::model::{self, ModelConfig, NewModel, ScoringModel};
-use super::run::run_context;
+use super::run::{run_context, RunContext};
 use super::signals::{AccountInputs, SignalKey};
 use super::ScoringError;
 use crate::db::DbPool;
@@ -60,6 +60,15 @@ pub struct CalibrationReport {
     pub auc_proposed: f64,
     pub auc_active: f64,
     pub auc_equal: f64,
+    /// 95% bootstrap interval of `auc_proposed` over the held-out accounts.
+    pub auc_proposed_interval: (f64, f64),
+    /// `auc_proposed - auc_active`, and the half-width of its 95% bootstrap interval.
+    pub auc_gain: f64,
+    pub auc_gain_margin: f64,
+    /// Plain words: is the proposal better than the active model, beyond noise?
+    pub verdict: String,
+    /// Signals the proposal gives no weight: they no longer count and never show as drivers.
+    pub zero_weight_signals: Vec<String>,
     pub active_version: i32,
     /// The inactive model version holding the proposal.
     pub proposed_version: i32,
@@ -111,13 +120,164 @@ pub fn auc(risk: &[f64], positive: &[bool]) -> Option<f64> {
     Some(u / (n_pos as f64 * n_neg as f64))
 }
 
-struct Sample {
-    account_id: i64,
-    churned: bool,
-    at: DateTime<Utc>,
-    inputs: AccountInputs,
+pub(crate) struct Sample {
+    pub account_id: i64,
+    pub churned: bool,
+    pub at: DateTime<Utc>,
+    pub inputs: AccountInputs,
     /// Signal scores in `SignalKey::ALL` order; `None` when missing.
-    scores: Vec<Option<f64>>,
+    pub scores: Vec<Option<f64>>,
+}
+
+/// Accounts seen as they were before their churn (and retained accounts at the same moments).
+pub(crate) struct ChurnSamples {
+    pub samples: Vec<Sample>,
+    /// How many of `samples` churned.
+    pub churned: usize,
+}
+
+/// Step 1 and 2 of the module's recipe: every churned account `lookback_days` before its churn,
+/// every other account at one of those moments, with its signals computed by the active default
+/// model. `None` when the store has no churn outcomes.
+pub(crate) async fn churn_samples(
+    conn: &mut AsyncPgConnection,
+    run: &RunContext,
+    lookback_days: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<ChurnSamples>, ScoringError> {
+    #[derive(QueryableByName)]
+    struct Churn {
+        #[diesel(sql_type = BigInt)]
+        account_id: i64,
+        #[diesel(sql_type = Timestamptz)]
+        churned_at: DateTime<Utc>,
+    }
+    let churn: Vec<Churn> = diesel::sql_query(
+        "SELECT c.account_id, MIN(c.churned_at) AS churned_at FROM churn_outcomes c
+         JOIN accounts a ON a.id = c.account_id GROUP BY c.account_id ORDER BY c.account_id",
+    )
+    .load(conn)
+    .await?;
+    if churn.is_empty() {
+        return Ok(None);
+    }
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let all: Vec<Id> = diesel::sql_query("SELECT id FROM accounts ORDER BY id")
+        .load(conn)
+        .await?;
+    let churned_ids: HashSet<i64> = churn.iter().map(|c| c.account_id).collect();
+    let lookback = Duration::days(lookback_days);
+    let mut moments: Vec<DateTime<Utc>> = churn
+        .iter()
+        .map(|c| (c.churned_at - lookback).min(now))
+        .collect();
+    moments.sort();
+    let mut plan: Vec<(i64, bool, DateTime<Utc>)> = churn
+        .iter()
+        .map(|c| (c.account_id, true, (c.churned_at - lookback).min(now)))
+        .collect();
+    for a in all.iter().filter(|a| !churned_ids.contains(&a.id)) {
+        let at = moments[(splitmix64(a.id as u64 ^ 0x5EED) % moments.len() as u64) as usize];
+        plan.push((a.id, false, at));
+    }
+    plan.sort_by_key(|p| p.0);
+
+    let active = &run.models.default;
+    let support = inputs::support_synced(conn, now).await?;
+    let mut samples: Vec<Sample> = Vec::with_capacity(plan.len());
+    for chunk in plan.chunks(BATCH_SIZE) {
+        let ids: Vec<i64> = chunk.iter().map(|p| p.0).collect();
+        let ts: Vec<DateTime<Utc>> = chunk.iter().map(|p| p.2).collect();
+        let loaded =
+            inputs::load_inputs(conn, &ids, &ts, support, active.config.csat_window_days).await?;
+        for (inp, p) in loaded.into_iter().zip(chunk.iter()) {
+            debug_assert_eq!(inp.account_id, p.0);
+            let evals = evaluate_signals(&inp, p.2, &active.config, &run.engine);
+            let scores = evals
+                .iter()
+                .map(|(_, e)| e.as_ref().map(|e| e.score))
+                .collect();
+            samples.push(Sample {
+                account_id: p.0,
+                churned: p.1,
+                at: p.2,
+                inputs: inp,
+                scores,
+            });
+        }
+    }
+    let churned = churn.len();
+    Ok(Some(ChurnSamples { samples, churned }))
+}
+
+/// Resamples of the held-out accounts behind the confidence intervals.
+const BOOTSTRAP_ROUNDS: usize = 1000;
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// 95% percentile intervals, from bootstrap resamples of the held-out accounts.
+struct Bootstrap {
+    proposed: (f64, f64),
+    /// Of proposed − active on the same resample (paired, so shared noise cancels).
+    gain: (f64, f64),
+}
+
+/// Resamples accounts with replacement `rounds` times (deterministic seed: reports repeat).
+fn bootstrap(proposed: &[f64], active: &[f64], positive: &[bool], rounds: usize) -> Bootstrap {
+    let n = positive.len();
+    let mut seed = 0x0A0C_u64;
+    let mut p_aucs = Vec::with_capacity(rounds);
+    let mut gains = Vec::with_capacity(rounds);
+    let (mut rp, mut ra, mut pos) = (vec![0.0; n], vec![0.0; n], vec![false; n]);
+    for _ in 0..rounds {
+        for i in 0..n {
+            seed = splitmix64(seed);
+            let j = (seed % n as u64) as usize;
+            rp[i] = proposed[j];
+            ra[i] = active[j];
+            pos[i] = positive[j];
+        }
+        if let (Some(p), Some(a)) = (auc(&rp, &pos), auc(&ra, &pos)) {
+            p_aucs.push(p);
+            gains.push(p - a);
+        }
+    }
+    let interval = |v: &mut Vec<f64>| -> (f64, f64) {
+        if v.is_empty() {
+            return (0.0, 1.0);
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (round3(at(0.025)), round3(at(0.975)))
+    };
+    Bootstrap {
+        proposed: interval(&mut p_aucs),
+        gain: interval(&mut gains),
+    }
+}
+
+/// "better than the active model: yes, by 0.05 ± 0.03" — yes only when the whole 95% interval of
+/// the gain is above zero.
+fn verdict(gain: f64, interval: (f64, f64)) -> String {
+    let margin = (interval.1 - interval.0) / 2.0;
+    if interval.0 > 0.0 {
+        format!("better than the active model: yes, by {gain:.2} ± {margin:.2}")
+    } else if interval.1 < 0.0 {
+        format!(
+            "better than the active model: no, worse by {:.2} ± {margin:.2}; keep the active model",
+            -gain
+        )
+    } else {
+        format!(
+            "better than the active model: not shown (difference {gain:+.2} ± {margin:.2} is within noise on this data)"
+        )
+    }
 }
 
 fn with_weights(base: &ScoringModel, weights: BTreeMap<String, f64>) -> ScoringModel {
@@ -148,80 +308,14 @@ pub async fn calibrate_at(
         ));
     }
     let mut conn = pool.get().await?;
-    #[derive(QueryableByName)]
-    struct Churn {
-        #[diesel(sql_type = BigInt)]
-        account_id: i64,
-        #[diesel(sql_type = Timestamptz)]
-        churned_at: DateTime<Utc>,
-    }
-    let churn: Vec<Churn> = diesel::sql_query(
-        "SELECT c.account_id, MIN(c.churned_at) AS churned_at FROM churn_outcomes c
-         JOIN accounts a ON a.id = c.account_id GROUP BY c.account_id ORDER BY c.account_id",
-    )
-    .load(&mut conn)
-    .await?;
-    if churn.is_empty() {
+    let run = run_context(&mut conn, now, false, false).await?;
+    let active = run.models.default.clone();
+    let Some(backtest) = churn_samples(&mut conn, &run, lookback_days, now).await? else {
         return Err(ScoringError::Calibration(
             "there are no churn outcomes in the store".into(),
         ));
-    }
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
-    let all: Vec<Id> = diesel::sql_query("SELECT id FROM accounts ORDER BY id")
-        .load(&mut conn)
-        .await?;
-    let churned_ids: HashSet<i64> = churn.iter().map(|c| c.account_id).collect();
-    let lookback = Duration::days(lookback_days);
-    let mut moments: Vec<DateTime<Utc>> = churn
-        .iter()
-        .map(|c| (c.churned_at - lookback).min(now))
-        .collect();
-    moments.sort();
-    let mut plan: Vec<(i64, bool, DateTime<Utc>)> = churn
-        .iter()
-        .map(|c| (c.account_id, true, (c.churned_at - lookback).min(now)))
-        .collect();
-    for a in all.iter().filter(|a| !churned_ids.contains(&a.id)) {
-        let at = moments[(splitmix64(a.id as u64 ^ 0x5EED) % moments.len() as u64) as usize];
-        plan.push((a.id, false, at));
-    }
-    plan.sort_by_key(|p| p.0);
-
-    let run = run_context(&mut conn, now, false, false).await?;
-    let active = run.models.default.clone();
-    let support = inputs::support_synced(&mut conn, now).await?;
-    let mut samples: Vec<Sample> = Vec::with_capacity(plan.len());
-    for chunk in plan.chunks(BATCH_SIZE) {
-        let ids: Vec<i64> = chunk.iter().map(|p| p.0).collect();
-        let ts: Vec<DateTime<Utc>> = chunk.iter().map(|p| p.2).collect();
-        let loaded = inputs::load_inputs(
-            &mut conn,
-            &ids,
-            &ts,
-            support,
-            active.config.csat_window_days,
-        )
-        .await?;
-        for (inp, p) in loaded.into_iter().zip(chunk.iter()) {
-            debug_assert_eq!(inp.account_id, p.0);
-            let evals = evaluate_signals(&inp, p.2, &active.config, &run.engine);
-            let scores = evals
-                .iter()
-                .map(|(_, e)| e.as_ref().map(|e| e.score))
-                .collect();
-            samples.push(Sample {
-                account_id: p.0,
-                churned: p.1,
-                at: p.2,
-                inputs: inp,
-                scores,
-            });
-        }
-    }
+    };
+    let ChurnSamples { samples, churned } = backtest;
     drop(conn);
 
     let (train, test): (Vec<&Sample>, Vec<&Sample>) =
@@ -313,11 +407,21 @@ pub async fn calibrate_at(
     let auc_proposed = auc(&risk_with(&proposed_model), &positives).unwrap_or(0.5);
     let auc_equal = auc(&risk_with(&equal_model), &positives).unwrap_or(0.5);
     let auc_active = auc(&risk_active, &positives).unwrap_or(0.5);
+    let risk_proposed = risk_with(&proposed_model);
+    let boot = bootstrap(&risk_proposed, &risk_active, &positives, BOOTSTRAP_ROUNDS);
+    let auc_gain = round3(auc_proposed - auc_active);
+    let auc_gain_margin = round3((boot.gain.1 - boot.gain.0) / 2.0);
+    let verdict = verdict(auc_gain, boot.gain);
+    let zero_weight_signals: Vec<String> = SignalKey::ALL
+        .iter()
+        .filter(|k| proposed[k.as_str()] <= 0.0)
+        .map(|k| k.as_str().to_string())
+        .collect();
 
     let notes = format!(
         "Calibrated on {} accounts ({} churned), lookback {} days; held-out AUC {:.3} (active v{} {:.3}, equal weights {:.3}) on {} accounts ({} churned). Subscriptions are seen in their current state.",
         samples.len(),
-        churn.len(),
+        churned,
         lookback_days,
         auc_proposed,
         active.version,
@@ -362,8 +466,8 @@ pub async fn calibrate_at(
 
     Ok(CalibrationReport {
         lookback_days,
-        churned_accounts: churn.len(),
-        retained_accounts: samples.len() - churn.len(),
+        churned_accounts: churned,
+        retained_accounts: samples.len() - churned,
         train_size: train.len(),
         train_churned,
         test_size: test.len(),
@@ -372,6 +476,11 @@ pub async fn calibrate_at(
         auc_proposed,
         auc_active,
         auc_equal,
+        auc_proposed_interval: boot.proposed,
+        auc_gain,
+        auc_gain_margin,
+        verdict,
+        zero_weight_signals,
         active_version: active.version,
         proposed_version: stored.version,
         notes,
@@ -396,5 +505,29 @@ mod tests {
         let held = (1..=10_000).filter(|i| is_held_out(*i)).count();
         assert!((2_500..3_500).contains(&held), "{held}");
         assert_eq!(is_held_out(42), is_held_out(42));
+    }
+
+    #[test]
+    fn verdict_needs_the_whole_interval_above_zero() {
+        assert!(verdict(0.05, (0.02, 0.08)).contains("yes, by 0.05 ± 0.03"));
+        assert!(verdict(0.01, (-0.02, 0.04)).contains("not shown"));
+        assert!(verdict(-0.05, (-0.08, -0.02)).contains("no, worse by 0.05"));
+    }
+
+    #[test]
+    fn bootstrap_interval_contains_the_point_estimate() {
+        let pos: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+        let good: Vec<f64> = (0..200)
+            .map(|i| if i % 3 == 0 { 0.6 } else { 0.4 } + (i % 7) as f64 * 0.05)
+            .collect();
+        let noise: Vec<f64> = (0..200).map(|i| ((i * 37) % 11) as f64).collect();
+        let b = bootstrap(&good, &noise, &pos, 300);
+        let point = auc(&good, &pos).unwrap();
+        assert!(
+            b.proposed.0 <= point && point <= b.proposed.1,
+            "{:?} {point}",
+            b.proposed
+        );
+        assert!(b.gain.0 > 0.0, "a real signal beats noise: {:?}", b.gain);
     }
 }

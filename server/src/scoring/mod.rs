@@ -45,6 +45,8 @@ pub mod diff;
 pub mod engine;
 pub mod inputs;
 pub mod model;
+pub mod preview;
+pub mod report;
 pub mod run;
 pub mod signals;
 
