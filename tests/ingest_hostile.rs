@@ -55,6 +55,30 @@ async fn last_rejections(pool: &DbPool) -> Vec<(String, i64, String)> {
         .collect()
 }
 
+/// A test database, a drop folder and a config reading it (kept alive together).
+struct DropDir {
+    db: TestDb,
+    _tmp: tempfile::TempDir,
+    drops: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+impl DropDir {
+    async fn new() -> DropDir {
+        let db = TestDb::new().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let drops = tmp.path().join("drops");
+        std::fs::create_dir(&drops).unwrap();
+        let config = config(&db, tmp.path(), &drops);
+        DropDir {
+            db,
+            _tmp: tmp,
+            drops,
+            config,
+        }
+    }
+}
+
 /// A config with one csv instance `files` reading `drops`.
 fn config(db: &TestDb, dir: &Path, drops: &Path) -> std::path::PathBuf {
     plugin_libs::cargo_build(&["-p", "healthd-connector-csv"], None);
@@ -90,12 +114,8 @@ fn sync(config: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rows_are_rejected_with_file_line_and_reason_and_the_rest_ingests() {
-    let db = TestDb::new().await;
-    let pool = db.pool();
-    let tmp = tempfile::tempdir().unwrap();
-    let drops = tmp.path().join("drops");
-    std::fs::create_dir(&drops).unwrap();
-    let cfg = config(&db, tmp.path(), &drops);
+    let drop_dir = DropDir::new().await;
+    let (pool, drops, cfg) = (drop_dir.db.pool(), &drop_dir.drops, &drop_dir.config);
     let big = "x".repeat(5 * 1024 * 1024);
     std::fs::write(
         drops.join("usage_events-1.csv"),
@@ -123,7 +143,7 @@ async fn hostile_rows_are_rejected_with_file_line_and_reason_and_the_rest_ingest
         "account_key,name,account_key\nacct-01,Acme,acct-02\n",
     )
     .unwrap();
-    let out = sync(&cfg);
+    let out = sync(cfg);
     assert!(out.contains("4 records ingested"), "{out}");
     assert!(out.contains("6 rejected"), "{out}");
     let ue = "usage_events-1.csv".to_string();
@@ -153,7 +173,7 @@ async fn hostile_rows_are_rejected_with_file_line_and_reason_and_the_rest_ingest
         "account_key,event,occurred_at\nacct-01,login,2026-11-21T10:00:00Z\n",
     )
     .unwrap();
-    let out = sync(&cfg);
+    let out = sync(cfg);
     assert!(out.contains("1 records ingested"), "{out}");
     assert_eq!(
         count(pool, "SELECT count(*) AS n FROM usage_events").await,
@@ -163,12 +183,8 @@ async fn hostile_rows_are_rejected_with_file_line_and_reason_and_the_rest_ingest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dates_at_the_edges_of_the_range_ingest_and_score() {
-    let db = TestDb::new().await;
-    let pool = db.pool();
-    let tmp = tempfile::tempdir().unwrap();
-    let drops = tmp.path().join("drops");
-    std::fs::create_dir(&drops).unwrap();
-    let cfg = config(&db, tmp.path(), &drops);
+    let drop_dir = DropDir::new().await;
+    let (pool, drops, cfg) = (drop_dir.db.pool(), &drop_dir.drops, &drop_dir.config);
     std::fs::write(
         drops.join("accounts.csv"),
         "account_key,renewal_date\nold,0001-01-01\nfar,9999-12-31\n",
@@ -189,10 +205,10 @@ async fn dates_at_the_edges_of_the_range_ingest_and_score() {
         "account_key,invoice_id,amount,due_date,paid_at,status\nold,i1,10.00,0001-01-01,,open\nfar,i2,10.00,9999-12-31,9999-12-31T00:00:00Z,paid\n",
     )
     .unwrap();
-    let out = sync(&cfg);
+    let out = sync(cfg);
     assert!(out.contains("8 records ingested"), "{out}");
     assert!(out.contains(" 0 rejected"), "{out}");
-    let out = healthd(&cfg, &["score"]);
+    let out = healthd(cfg, &["score"]);
     assert!(
         out.status.success(),
         "score failed: {}",
@@ -206,12 +222,8 @@ async fn dates_at_the_edges_of_the_range_ingest_and_score() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_after_a_killed_sync_recovers_the_dead_run_and_says_so() {
-    let db = TestDb::new().await;
-    let pool = db.pool();
-    let tmp = tempfile::tempdir().unwrap();
-    let drops = tmp.path().join("drops");
-    std::fs::create_dir(&drops).unwrap();
-    let cfg = config(&db, tmp.path(), &drops);
+    let drop_dir = DropDir::new().await;
+    let (pool, drops, cfg) = (drop_dir.db.pool(), &drop_dir.drops, &drop_dir.config);
     let mut csv = String::from("account_key,event,occurred_at,event_id\n");
     for i in 0..300_000 {
         csv.push_str(&format!(
@@ -226,7 +238,7 @@ async fn a_sync_after_a_killed_sync_recovers_the_dead_run_and_says_so() {
     std::fs::write(drops.join("usage_events.csv"), csv).unwrap();
     let mut child = process::healthd()
         .arg("--config")
-        .arg(&cfg)
+        .arg(cfg)
         .args(["sync", "files", "--quiet"])
         .stdout(Stdio::null())
         .spawn()
@@ -247,7 +259,7 @@ async fn a_sync_after_a_killed_sync_recovers_the_dead_run_and_says_so() {
     // it recovers the run itself (no `serve` process runs) and resumes.
     let deadline = Instant::now() + Duration::from_secs(90);
     let text = loop {
-        let out = healthd(&cfg, &["sync", "files", "--quiet"]);
+        let out = healthd(cfg, &["sync", "files", "--quiet"]);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

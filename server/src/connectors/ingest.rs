@@ -49,10 +49,16 @@ pub enum IngestError {
 
 /// Logs `detail` (database text, not for viewers) under a new short reference id and returns
 /// the id, for a message viewers may read.
-pub fn log_with_reference(context: &str, detail: &dyn std::fmt::Display) -> String {
+fn log_with_reference(context: &str, detail: &dyn std::fmt::Display) -> String {
     let reference = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     tracing::error!(reference = %reference, error = %detail, "{context}");
     reference
+}
+
+/// `what` for viewers, with the reference of `detail` logged under `context`.
+pub(crate) fn with_reference(what: &str, context: &str, detail: &dyn std::fmt::Display) -> String {
+    let r = log_with_reference(context, detail);
+    format!("{what} (reference {r}; the server log has the detail)")
 }
 
 impl IngestError {
@@ -207,11 +213,16 @@ fn shown(v: &str) -> std::borrow::Cow<'_, str> {
     if v.len() <= MAX && !v.contains('\0') {
         return v.into();
     }
-    let mut end = MAX.min(v.len());
+    format!("{}...", v[..char_floor(v, MAX)].replace('\0', "\\0")).into()
+}
+
+/// The largest index at most `max` that is a character boundary of `v`.
+fn char_floor(v: &str, max: usize) -> usize {
+    let mut end = max.min(v.len());
     while !v.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", v[..end].replace('\0', "\\0")).into()
+    end
 }
 
 fn rejection(what: &str, key: &str, problem: impl std::fmt::Display) -> Rejection {
@@ -904,11 +915,7 @@ fn stored_text(v: &str, max: usize) -> String {
     if v.len() <= max {
         return v;
     }
-    let mut end = max - 3;
-    while !v.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &v[..end])
+    format!("{}...", &v[..char_floor(&v, max - 3)])
 }
 
 async fn store_rejections(

@@ -15,7 +15,7 @@ use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
 
-use super::ingest::{log_with_reference, sink_pair, BatchWriter, WriteTotals};
+use super::ingest::{sink_pair, with_reference, BatchWriter, WriteTotals};
 use super::instances::{self, ConnectorInstance, RejectionRow};
 use super::progress::{self, Progress};
 use super::schedule::{retry_delay, Schedule};
@@ -419,11 +419,12 @@ impl ConnectorRuntime {
         let mut conn = AsyncPgConnection::establish(&self.database_url)
             .await
             .map_err(|e| {
-                let r = log_with_reference("a connector run cannot connect to the database", &e);
-                (
-                    empty(),
-                    format!("cannot connect to the database (reference {r}; the server log has the detail)"),
-                )
+                let m = with_reference(
+                    "cannot connect to the database",
+                    "a connector run cannot connect to the database",
+                    &e,
+                );
+                (empty(), m)
             })?;
         diesel::sql_query("SELECT pg_advisory_lock($1, ($2 % 2147483647)::int)")
             .bind::<diesel::sql_types::Integer, _>(RUN_LOCK_CLASS)
@@ -431,11 +432,12 @@ impl ConnectorRuntime {
             .execute(&mut conn)
             .await
             .map_err(|e| {
-                let r = log_with_reference("a connector run cannot take its liveness lock", &e);
-                (
-                    empty(),
-                    format!("cannot lock the run (reference {r}; the server log has the detail)"),
-                )
+                let m = with_reference(
+                    "cannot lock the run",
+                    "a connector run cannot take its liveness lock",
+                    &e,
+                );
+                (empty(), m)
             })?;
 
         let done = CancellationToken::new();

@@ -25,7 +25,7 @@ use linfa::Dataset;
 use linfa_logistic::LogisticRegression;
 use ndarray::{Array1, Array2};
 
-use super::engine::{evaluate_signals, score_account};
+use super::engine::{evaluate_signals, score_account, EngineContext};
 use super::inputs::{self, BATCH_SIZE};
 use super::model::{self, ModelConfig, NewModel, ScoringModel};
 use super::run::{run_context, RunContext};
@@ -215,7 +215,7 @@ pub(crate) async fn churn_samples(
 }
 
 /// Resamples of the held-out accounts behind the confidence intervals.
-const BOOTSTRAP_ROUNDS: usize = 1000;
+pub(crate) const BOOTSTRAP_ROUNDS: usize = 1000;
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -278,6 +278,21 @@ fn verdict(gain: f64, interval: (f64, f64)) -> String {
             "better than the active model: not shown (difference {gain:+.2} ± {margin:.2} is within noise on this data)"
         )
     }
+}
+
+/// Risk of each sample under the model `pick` chooses for it (minus the score, so higher is
+/// riskier; an account the engine cannot score counts as middling).
+pub(crate) fn churn_risk<'m>(
+    samples: &[&Sample],
+    engine: &EngineContext,
+    pick: impl Fn(&AccountInputs) -> &'m ScoringModel,
+) -> Vec<f64> {
+    samples
+        .iter()
+        .map(|s| {
+            score_account(&s.inputs, s.at, pick(&s.inputs), engine).map_or(-50.0, |sc| -sc.score)
+        })
+        .collect()
 }
 
 fn with_weights(base: &ScoringModel, weights: BTreeMap<String, f64>) -> ScoringModel {
@@ -392,22 +407,12 @@ pub async fn calibrate_at(
     let equal_model = with_weights(&active, equal);
 
     let positives: Vec<bool> = test.iter().map(|s| s.churned).collect();
-    let risk_with = |m: &ScoringModel| -> Vec<f64> {
-        test.iter()
-            .map(|s| score_account(&s.inputs, s.at, m, &run.engine).map_or(-50.0, |sc| -sc.score))
-            .collect()
-    };
-    let risk_active: Vec<f64> = test
-        .iter()
-        .map(|s| {
-            let m = run.models.for_account(&s.inputs.fields);
-            score_account(&s.inputs, s.at, m, &run.engine).map_or(-50.0, |sc| -sc.score)
-        })
-        .collect();
-    let auc_proposed = auc(&risk_with(&proposed_model), &positives).unwrap_or(0.5);
-    let auc_equal = auc(&risk_with(&equal_model), &positives).unwrap_or(0.5);
+    let risk_proposed = churn_risk(&test, &run.engine, |_| &proposed_model);
+    let risk_active = churn_risk(&test, &run.engine, |i| run.models.for_account(&i.fields));
+    let risk_equal = churn_risk(&test, &run.engine, |_| &equal_model);
+    let auc_proposed = auc(&risk_proposed, &positives).unwrap_or(0.5);
+    let auc_equal = auc(&risk_equal, &positives).unwrap_or(0.5);
     let auc_active = auc(&risk_active, &positives).unwrap_or(0.5);
-    let risk_proposed = risk_with(&proposed_model);
     let boot = bootstrap(&risk_proposed, &risk_active, &positives, BOOTSTRAP_ROUNDS);
     let auc_gain = round3(auc_proposed - auc_active);
     let auc_gain_margin = round3((boot.gain.1 - boot.gain.0) / 2.0);

@@ -7,11 +7,11 @@ use diesel::sql_types::{Array, BigInt, Text};
 use diesel::QueryableByName;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::calibration::{auc, churn_samples};
-use super::engine::{score_account, Score, Tier};
+use super::calibration::{auc, churn_risk, churn_samples, Sample};
+use super::engine::{score_account, EngineContext, Score, Tier};
 use super::inputs::{self, BATCH_SIZE};
 use super::model::{self, ActiveModels, ScoringModel};
-use super::run::{run_context, RunContext};
+use super::run::{next_account_ids, run_context, RunContext};
 use super::ScoringError;
 use crate::db::DbPool;
 
@@ -112,7 +112,7 @@ pub async fn preview(
     let mut pairs: Vec<(i64, f64, Tier, f64, Tier)> = Vec::new();
     let mut last_id = i64::MIN;
     loop {
-        let ids = account_ids_after(&mut conn, last_id).await?;
+        let ids = next_account_ids(&mut conn, last_id, BATCH_SIZE).await?;
         let Some(&l) = ids.last() else { break };
         last_id = l;
         let batch =
@@ -171,24 +171,6 @@ pub async fn preview(
         movers,
         backtest,
     })
-}
-
-async fn account_ids_after(
-    conn: &mut AsyncPgConnection,
-    after: i64,
-) -> Result<Vec<i64>, ScoringError> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
-    let rows: Vec<Id> =
-        diesel::sql_query("SELECT id FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind::<BigInt, _>(after)
-            .bind::<BigInt, _>(BATCH_SIZE as i64)
-            .load(conn)
-            .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
 async fn movers(
@@ -261,25 +243,30 @@ async fn backtest(
     now: DateTime<Utc>,
 ) -> Result<Option<ChurnBacktest>, ScoringError> {
     const LOOKBACK_DAYS: i64 = 30;
-    let backtest_run = run_context(conn, now, false, false).await?;
+    // Calibration's context: today's, without freshness (data is looked at in the past).
+    let backtest_run = RunContext {
+        models: run.models.clone(),
+        engine: EngineContext {
+            default_key_features: run.engine.default_key_features.clone(),
+            stale: Vec::new(),
+        },
+        support_synced: run.support_synced,
+    };
     let Some(samples) = churn_samples(conn, &backtest_run, LOOKBACK_DAYS, now).await? else {
         return Ok(None);
     };
     let positives: Vec<bool> = samples.samples.iter().map(|s| s.churned).collect();
-    let risk = |models: &ActiveModels| -> Vec<f64> {
-        samples
-            .samples
-            .iter()
-            .map(|s| {
-                let m = models.for_account(&s.inputs.fields);
-                score_account(&s.inputs, s.at, m, &backtest_run.engine)
-                    .map_or(-50.0, |sc| -sc.score)
-            })
-            .collect()
-    };
+    let all: Vec<&Sample> = samples.samples.iter().collect();
+    let engine = &backtest_run.engine;
     let (Some(auc_candidate), Some(auc_active)) = (
-        auc(&risk(cand), &positives),
-        auc(&risk(&run.models), &positives),
+        auc(
+            &churn_risk(&all, engine, |i| cand.for_account(&i.fields)),
+            &positives,
+        ),
+        auc(
+            &churn_risk(&all, engine, |i| run.models.for_account(&i.fields)),
+            &positives,
+        ),
     ) else {
         return Ok(None);
     };

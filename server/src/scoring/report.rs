@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::calibration::CalibrationReport;
+use super::calibration::{CalibrationReport, BOOTSTRAP_ROUNDS};
 use super::engine::Tier;
 use super::model::ScoringModel;
 use super::preview::ModelPreview;
@@ -37,8 +37,7 @@ pub fn calibration_text(r: &CalibrationReport) -> String {
     );
     let _ = writeln!(
         o,
-        "0.5 is chance, 1.0 is perfect. Held-out AUC (95% interval from {} resamples):",
-        1000
+        "0.5 is chance, 1.0 is perfect. Held-out AUC (95% interval from {BOOTSTRAP_ROUNDS} resamples):"
     );
     let _ = writeln!(
         o,

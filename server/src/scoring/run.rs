@@ -345,7 +345,8 @@ async fn write_stage(
     Ok(totals)
 }
 
-async fn next_account_ids(
+/// The next `limit` account ids after `after`, in id order (batches of a full pass).
+pub(crate) async fn next_account_ids(
     conn: &mut AsyncPgConnection,
     after: i64,
     limit: usize,
